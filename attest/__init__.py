@@ -1,0 +1,1 @@
+"""Attestation: evidence, verifiers, policy and the /dbloom/attest protocol (issue 5)."""

@@ -1,0 +1,1 @@
+"""The dbloom command line."""

@@ -1,0 +1,5 @@
+"""`python -m dbloom.cli`."""
+
+from .main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Receipts, gossip topic handling and the payout ledger (issue 7)."""

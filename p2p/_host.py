@@ -1,0 +1,608 @@
+"""The host: listens, dials, keeps one connection per peer and routes streams by protocol.
+
+Everything the host starts lives in its nursery. A misbehaving peer or a handler
+that raises costs only its stream or its connection; the error is logged once,
+with the peer id, and the host goes on serving everyone else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Literal
+
+import trio
+
+from . import multistream
+from ._errors import ErrorCode, ProtocolError
+from ._identify_core import IdentifyInfo
+from ._identity import KeyPair, PeerId, PublicKey
+from ._multiaddr import Multiaddr, MultiaddrError
+from ._peerstore import PERMANENT, PeerStore
+from ._transport import RawConnection, TcpTransport, Transport
+from ._upgrade import upgrade
+from .noise import StaticKey
+from .yamux import YamuxConfig, YamuxConnection, YamuxStream
+
+log = logging.getLogger("dbloom.p2p")
+
+try:
+    _VERSION = version("dbloom")
+except PackageNotFoundError:  # running from a source tree
+    _VERSION = "0.0.0"
+
+STREAM_ERRORS = (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, EOFError)
+DIAL_ERRORS = (*STREAM_ERRORS, OSError, trio.TooSlowError)
+
+
+class DialError(Exception):
+    """No address of the peer could be reached and upgraded; says why for each."""
+
+
+class HostClosed(Exception):
+    """The host is shutting down."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostConfig:
+    """Timeouts and limits; the defaults suit a home Mac serving a few hundred peers."""
+
+    agent_version: str = f"dbloom/{_VERSION}"
+    dial_timeout: float = 10.0
+    upgrade_timeout: float = 10.0
+    negotiate_timeout: float = 10.0
+    idle_timeout: float = 120.0
+    duplicate_idle_timeout: float = 2.0
+    write_timeout: float = 30.0
+    close_grace: float = 2.0
+    max_connections: int = 1024
+    max_pending_inbound: int = 64
+    addr_ttl: float = 600.0
+    identify_on_connect: bool = True
+    early_muxer_negotiation: bool = True
+    yamux: YamuxConfig = field(default_factory=YamuxConfig)
+
+
+class NetStream(trio.abc.HalfCloseableStream):
+    """A negotiated stream to a peer: knows its protocol, peer and connection."""
+
+    def __init__(
+        self, inner: YamuxStream, protocol: str, connection: Connection, prefix: bytes = b""
+    ) -> None:
+        self.inner = inner
+        self.protocol = protocol
+        self.connection = connection
+        self._prefix = prefix
+
+    @property
+    def peer_id(self) -> PeerId:
+        """The authenticated remote peer."""
+        return self.connection.peer_id
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Write (blocks on the stream's flow-control window only)."""
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Delegates to the yamux stream."""
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Bytes pipelined behind the negotiation first, then the stream."""
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            out, self._prefix = self._prefix[:size], self._prefix[size:]
+            return out
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        """Half-close (yamux FIN)."""
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        """Close this stream only."""
+        await self.inner.aclose()
+
+    async def reset(self) -> None:
+        """Abort the stream (yamux RST)."""
+        await self.inner.reset()
+
+
+StreamHandler = Callable[[NetStream], Awaitable[None]]
+ConnectionListener = Callable[["Connection", bool], None]
+
+
+class Connection:
+    """An authenticated, multiplexed connection to one peer."""
+
+    def __init__(
+        self,
+        host: Host,
+        *,
+        peer_id: PeerId,
+        public_key: PublicKey,
+        muxer: YamuxConnection,
+        raw: RawConnection,
+        direction: Literal["inbound", "outbound"],
+    ) -> None:
+        self.host = host
+        self.peer_id = peer_id
+        self.public_key = public_key
+        self.muxer = muxer
+        self.local_addr = raw.local_addr
+        self.remote_addr = raw.remote_addr
+        self.direction = direction
+        self.opened_at = trio.current_time()
+        self.duplicate = False
+        self.identified: IdentifyInfo | None = None
+        self.close_reason: BaseException | None = None
+        self._cancel = trio.CancelScope()
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.direction} {self.peer_id.short()} via {self.remote_addr}>"
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the muxer has shut down."""
+        return self.muxer.is_closed
+
+    async def new_stream(
+        self, protocols: Sequence[str], *, timeout: float | None = None
+    ) -> NetStream:
+        """Open a stream and agree on the first of `protocols` the peer supports."""
+        inner = await self.muxer.open_stream()
+        try:
+            protocol, rest = await multistream.negotiate(
+                inner,
+                multistream.Role.INITIATOR,
+                protocols,
+                timeout=timeout or self.host.config.negotiate_timeout,
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await inner.reset()
+            raise
+        return NetStream(inner, protocol, self, rest)
+
+    async def aclose(self) -> None:
+        """Go away and close; running handlers are cancelled."""
+        with trio.move_on_after(self.host.config.close_grace) as scope:
+            scope.shield = True
+            await self.muxer.aclose()
+        self._cancel.cancel()
+
+
+class Host:
+    """A libp2p host; build it with `open_host`."""
+
+    def __init__(
+        self,
+        identity: KeyPair,
+        nursery: trio.Nursery,
+        *,
+        transports: Sequence[Transport],
+        config: HostConfig,
+    ) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.config = config
+        self.transports = list(transports)
+        self.peerstore = PeerStore()
+        self._nursery = nursery
+        self._static_key = StaticKey()
+        self._handlers: dict[str, StreamHandler] = {}
+        self._connections: dict[PeerId, list[Connection]] = {}
+        self._dials: dict[PeerId, trio.Event] = {}
+        self._listen_addrs: list[Multiaddr] = []
+        self._listener_scopes: list[trio.CancelScope] = []
+        self._connection_listeners: list[ConnectionListener] = []
+        self._pending_inbound = 0
+        self._closing = False
+        self.refused_inbound = 0
+
+    # ---- handlers and events -------------------------------------------------------
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Route inbound streams that negotiate `protocol` to `handler`."""
+        self._handlers[protocol] = handler
+
+    def remove_stream_handler(self, protocol: str) -> None:
+        """Stop accepting `protocol`."""
+        self._handlers.pop(protocol, None)
+
+    @property
+    def protocols(self) -> list[str]:
+        """Protocols we answer, sorted (identify lists them)."""
+        return sorted(self._handlers)
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """Call `listener(connection, opened)` when a peer connects or disconnects."""
+        self._connection_listeners.append(listener)
+
+    # ---- listening -----------------------------------------------------------------
+
+    @property
+    def listen_addrs(self) -> list[Multiaddr]:
+        """Bound addresses, each ending in /p2p/<our peer id>."""
+        return [addr.with_peer_id(self.peer_id) for addr in self._listen_addrs]
+
+    def _transport_for(self, addr: Multiaddr) -> Transport:
+        for transport in self.transports:
+            if transport.handles(addr):
+                return transport
+        raise MultiaddrError(f"no transport for {addr}")
+
+    async def listen(self, addr: Multiaddr | str) -> list[Multiaddr]:
+        """Start listening; returns the bound addresses (with /p2p)."""
+        if isinstance(addr, str):
+            addr = Multiaddr.parse(addr)
+        transport = self._transport_for(addr.without_peer_id())
+        scope = trio.CancelScope()
+        self._listener_scopes.append(scope)
+
+        async def serve(task_status: trio.TaskStatus[list[Multiaddr]]) -> None:
+            with scope:
+                await transport.serve(
+                    addr.without_peer_id(), self._on_inbound, task_status=task_status
+                )
+
+        bound: list[Multiaddr] = await self._nursery.start(serve)
+        self._listen_addrs.extend(bound)
+        return [b.with_peer_id(self.peer_id) for b in bound]
+
+    async def _on_inbound(self, raw: RawConnection) -> None:
+        config = self.config
+        if (
+            self._closing
+            or self._pending_inbound >= config.max_pending_inbound
+            or self.num_connections >= config.max_connections
+        ):
+            self.refused_inbound += 1
+            await trio.aclose_forcefully(raw.stream)
+            return
+        self._pending_inbound += 1
+        try:
+            upgraded = await upgrade(
+                raw.stream,
+                initiator=False,
+                identity=self.identity,
+                static_key=self._static_key,
+                expected_peer=None,
+                yamux_config=config.yamux,
+                write_timeout=config.write_timeout,
+                early_muxer=config.early_muxer_negotiation,
+                timeout=config.upgrade_timeout,
+            )
+        except DIAL_ERRORS as exc:
+            log.info("inbound connection from %s failed its handshake: %s", raw.remote_addr, exc)
+            await trio.aclose_forcefully(raw.stream)
+            return
+        finally:
+            self._pending_inbound -= 1
+        conn = Connection(
+            self,
+            peer_id=upgraded.peer_id,
+            public_key=upgraded.public_key,
+            muxer=upgraded.muxer,
+            raw=raw,
+            direction="inbound",
+        )
+        await self._serve_connection(conn)
+
+    # ---- connections ---------------------------------------------------------------
+
+    @property
+    def num_connections(self) -> int:
+        """Open connections, duplicates included."""
+        return sum(len(conns) for conns in self._connections.values())
+
+    def connected_peers(self) -> list[PeerId]:
+        """Peers we hold at least one open connection to."""
+        return [peer for peer, conns in self._connections.items() if conns]
+
+    def connection(self, peer: PeerId) -> Connection | None:
+        """The preferred open connection to `peer`, if any."""
+        conns = [c for c in self._connections.get(peer, ()) if not c.is_closed]
+        if not conns:
+            return None
+        return min(conns, key=self._preference)
+
+    def _preference(self, conn: Connection) -> tuple[int, float]:
+        # Both ends keep the connection dialed by the smaller peer id, so they agree.
+        dialer = self.peer_id if conn.direction == "outbound" else conn.peer_id
+        other = conn.peer_id if conn.direction == "outbound" else self.peer_id
+        return (0 if dialer < other else 1, conn.opened_at)
+
+    async def _serve_connection(
+        self, conn: Connection, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        peer = conn.peer_id
+        self.peerstore.set_public_key(peer, conn.public_key)
+        try:
+            with conn._cancel:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self._run_muxer, conn, nursery.cancel_scope)
+                    self._register(conn)
+                    task_status.started()
+                    nursery.start_soon(self._watch_idle, conn)
+                    if self.config.identify_on_connect:
+                        from ._identify import identify_connection
+
+                        nursery.start_soon(identify_connection, self, conn)
+                    while True:
+                        try:
+                            inner = await conn.muxer.accept_stream()
+                        except (trio.ClosedResourceError, trio.BrokenResourceError):
+                            break
+                        nursery.start_soon(self._handle_stream, conn, inner)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._unregister(conn)
+            with trio.move_on_after(self.config.close_grace) as scope:
+                scope.shield = True
+                await conn.muxer.aclose()
+        if conn.close_reason is not None and not self._closing:
+            log.warning("connection to %s closed: %s", peer, conn.close_reason)
+
+    async def _run_muxer(
+        self, conn: Connection, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        try:
+            await conn.muxer.run(task_status=task_status)
+        except (*STREAM_ERRORS, OSError) as exc:
+            conn.close_reason = exc
+        finally:
+            scope.cancel()
+
+    def _register(self, conn: Connection) -> None:
+        conns = self._connections.setdefault(conn.peer_id, [])
+        conns.append(conn)
+        best = min(conns, key=self._preference)
+        for other in conns:
+            other.duplicate = other is not best
+        self.peerstore.add_addrs(conn.peer_id, [conn.remote_addr], PERMANENT, trio.current_time())
+        event = self._dials.pop(conn.peer_id, None)
+        if event is not None:
+            event.set()
+        if len(conns) == 1:
+            self._notify(conn, True)
+
+    def _unregister(self, conn: Connection) -> None:
+        conns = self._connections.get(conn.peer_id, [])
+        if conn in conns:
+            conns.remove(conn)
+        if conns:
+            best = min(conns, key=self._preference)
+            best.duplicate = False
+        else:
+            self._connections.pop(conn.peer_id, None)
+            self.peerstore.add_addrs(
+                conn.peer_id, [conn.remote_addr], self.config.addr_ttl, trio.current_time()
+            )
+            self._notify(conn, False)
+
+    def _notify(self, conn: Connection, opened: bool) -> None:
+        for listener in list(self._connection_listeners):
+            try:
+                listener(conn, opened)
+            except Exception:
+                log.exception("connection listener failed for %s", conn.peer_id)
+
+    async def _watch_idle(self, conn: Connection) -> None:
+        idle_since: float | None = None
+        while True:
+            limit = (
+                self.config.duplicate_idle_timeout if conn.duplicate else self.config.idle_timeout
+            )
+            await trio.sleep(max(0.05, min(limit / 4, 5.0)))
+            if conn.muxer.num_streams:
+                idle_since = None
+                continue
+            now = trio.current_time()
+            if idle_since is None:
+                idle_since = now
+            elif now - idle_since >= limit:
+                log.debug("closing idle connection to %s", conn.peer_id)
+                await conn.aclose()
+                return
+
+    async def _handle_stream(self, conn: Connection, inner: YamuxStream) -> None:
+        try:
+            protocol, rest = await multistream.negotiate(
+                inner,
+                multistream.Role.RESPONDER,
+                self._handlers.__contains__,
+                timeout=self.config.negotiate_timeout,
+            )
+        except (*STREAM_ERRORS, multistream.NegotiationFailed) as exc:
+            log.debug("stream from %s failed negotiation: %s", conn.peer_id, exc)
+            await inner.reset()
+            return
+        handler = self._handlers.get(protocol)
+        stream = NetStream(inner, protocol, conn, rest)
+        if handler is None:
+            await stream.reset()
+            return
+        try:
+            await handler(stream)
+        except STREAM_ERRORS as exc:
+            log.info("%s stream from %s ended: %s", protocol, conn.peer_id, exc)
+            await stream.reset()
+        except Exception:
+            log.exception("handler for %s failed on a stream from %s", protocol, conn.peer_id)
+            await stream.reset()
+        else:
+            await stream.aclose()
+
+    # ---- dialing -------------------------------------------------------------------
+
+    async def connect(
+        self, target: PeerId | Multiaddr | str, *, timeout: float | None = None
+    ) -> Connection:
+        """A connection to the peer, reusing an open one; simultaneous calls share a dial."""
+        if self._closing:
+            raise HostClosed("host is closing")
+        peer, addrs = self._resolve(target)
+        with trio.fail_after(timeout or self.config.dial_timeout * 3):
+            if peer is not None:
+                if peer == self.peer_id:
+                    raise DialError("refusing to dial ourselves")
+                while True:
+                    existing = self.connection(peer)
+                    if existing is not None:
+                        return existing
+                    pending = self._dials.get(peer)
+                    if pending is None:
+                        break
+                    await pending.wait()
+                    if self.connection(peer) is None:
+                        break
+                addrs = addrs or self.peerstore.addrs(peer, trio.current_time())
+                if not addrs:
+                    raise DialError(f"no known address for {peer}")
+                self._dials[peer] = trio.Event()
+            try:
+                return await self._dial_any(peer, addrs)
+            finally:
+                if peer is not None:
+                    event = self._dials.pop(peer, None)
+                    if event is not None:
+                        event.set()
+
+    def _resolve(self, target: PeerId | Multiaddr | str) -> tuple[PeerId | None, list[Multiaddr]]:
+        if isinstance(target, PeerId):
+            return target, []
+        addr = Multiaddr.parse(target) if isinstance(target, str) else target
+        peer = addr.peer_id
+        bare = addr.without_peer_id()
+        if peer is not None:
+            self.peerstore.add_addrs(peer, [bare], self.config.addr_ttl, trio.current_time())
+        return peer, [bare]
+
+    async def _dial_any(self, peer: PeerId | None, addrs: list[Multiaddr]) -> Connection:
+        failures: list[str] = []
+        for addr in addrs:
+            try:
+                return await self._dial(peer, addr)
+            except DIAL_ERRORS as exc:
+                failures.append(f"{addr}: {_describe(exc)}")
+        target = f"{peer} at " if peer is not None else ""
+        raise DialError(f"could not connect to {target}" + "; ".join(failures))
+
+    async def _dial(self, peer: PeerId | None, addr: Multiaddr) -> Connection:
+        transport = self._transport_for(addr)
+        config = self.config
+        with trio.fail_after(config.dial_timeout):
+            raw = await transport.dial(addr)
+        try:
+            upgraded = await upgrade(
+                raw.stream,
+                initiator=True,
+                identity=self.identity,
+                static_key=self._static_key,
+                expected_peer=peer,
+                yamux_config=config.yamux,
+                write_timeout=config.write_timeout,
+                early_muxer=config.early_muxer_negotiation,
+                timeout=config.upgrade_timeout,
+            )
+        except BaseException:
+            await trio.aclose_forcefully(raw.stream)
+            raise
+        conn = Connection(
+            self,
+            peer_id=upgraded.peer_id,
+            public_key=upgraded.public_key,
+            muxer=upgraded.muxer,
+            raw=raw,
+            direction="outbound",
+        )
+        await self._nursery.start(self._serve_connection, conn)
+        return conn
+
+    async def new_stream(
+        self,
+        peer: PeerId | Multiaddr | str,
+        protocols: Sequence[str],
+        *,
+        timeout: float | None = None,
+    ) -> NetStream:
+        """Connect if needed, open a stream and negotiate one of `protocols`."""
+        conn = await self.connect(peer, timeout=timeout)
+        return await conn.new_stream(protocols, timeout=timeout)
+
+    async def disconnect(self, peer: PeerId) -> None:
+        """Close every connection to `peer`."""
+        for conn in list(self._connections.get(peer, ())):
+            await conn.aclose()
+
+    # ---- shutdown ------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop listening, say GoAway on every connection, then cancel what is left."""
+        if self._closing:
+            return
+        self._closing = True
+        for scope in self._listener_scopes:
+            scope.cancel()
+        with trio.move_on_after(self.config.close_grace) as scope:
+            scope.shield = True
+            async with trio.open_nursery() as nursery:
+                for conns in list(self._connections.values()):
+                    for conn in list(conns):
+                        nursery.start_soon(conn.aclose)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        # trio.open_tcp_stream: "all attempts failed", the reasons in the cause
+        return "; ".join(sorted({_describe(e) for e in cause.exceptions}))
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, ProtocolError) and exc.code is ErrorCode.AUTH:
+        return f"authentication failed ({exc})"
+    return str(exc) or type(exc).__name__
+
+
+@asynccontextmanager
+async def open_host(
+    identity: KeyPair | None = None,
+    *,
+    listen: Sequence[Multiaddr | str] = (),
+    transports: Sequence[Transport] | None = None,
+    config: HostConfig | None = None,
+) -> AsyncIterator[Host]:
+    """Run a host (ping and identify included) for the duration of the block."""
+    from ._identify import register_identify
+    from ._ping import register_ping
+
+    async with trio.open_nursery() as nursery:
+        host = Host(
+            identity or KeyPair.generate(),
+            nursery,
+            transports=transports if transports is not None else [TcpTransport()],
+            config=config or HostConfig(),
+        )
+        register_ping(host)
+        register_identify(host)
+        body_error: BaseException | None = None
+        try:
+            for addr in listen:
+                await host.listen(addr)
+            yield host
+        except BaseException as exc:  # re-raised below, outside the nursery's group
+            body_error = exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await host.aclose()
+            nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error

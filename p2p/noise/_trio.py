@@ -1,0 +1,103 @@
+"""Noise over a trio stream: the handshake under a deadline, then `NoiseStream`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+
+from .._errors import ErrorCode, RemoteProtocolError
+from .._identity import KeyPair, PeerId
+from ._core import (
+    MAX_PLAINTEXT,
+    HandshakeComplete,
+    NoiseHandshake,
+    NoiseSession,
+    Role,
+    StaticKey,
+)
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+RECEIVE_CHUNK = 1 << 18
+
+
+class NoiseStream(trio.abc.Stream):
+    """An encrypted, authenticated byte stream over any trio stream."""
+
+    def __init__(
+        self, transport: trio.abc.Stream, session: NoiseSession, pending: bytes = b""
+    ) -> None:
+        self.transport = transport
+        self._session = session
+        self._plain = bytearray()
+        if pending:
+            session.receive_data(pending)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt and write; callers serialise their own writes (yamux holds a lock)."""
+        await self.transport.send_all(self._session.encrypt(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Delegates to the transport."""
+        await self.transport.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Up to `max_bytes` of plaintext; b"" at a clean end of the transport."""
+        while not self._plain:
+            plain = self._session.decrypt_available()
+            if plain:
+                if max_bytes is None or len(plain) <= max_bytes:
+                    return plain
+                self._plain += plain
+                break
+            data = await self.transport.receive_some(RECEIVE_CHUNK)
+            if not data:
+                if self._session.buffered:
+                    raise RemoteProtocolError("connection closed inside a noise frame")
+                return b""
+            self._session.receive_data(data)
+        size = len(self._plain) if max_bytes is None else min(max_bytes, len(self._plain))
+        out = bytes(self._plain[:size])
+        del self._plain[:size]
+        return out
+
+    async def aclose(self) -> None:
+        """Close the transport."""
+        await self.transport.aclose()
+
+
+async def secure(
+    transport: trio.abc.Stream,
+    role: Role,
+    identity: KeyPair,
+    *,
+    static_key: StaticKey | None = None,
+    expected_peer: PeerId | None = None,
+    muxers: Sequence[str] = (),
+    pending: bytes = b"",
+    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> tuple[HandshakeComplete, NoiseStream]:
+    """Run the XX handshake; return who the remote is and the encrypted stream."""
+    handshake = NoiseHandshake(
+        role, identity, static_key=static_key, expected_peer=expected_peer, muxers=muxers
+    )
+    if pending:
+        handshake.receive_data(pending)
+    try:
+        with trio.fail_after(timeout):
+            while True:
+                event = handshake.next_event()
+                out = handshake.data_to_send()
+                if out:
+                    await transport.send_all(out)
+                if isinstance(event, HandshakeComplete):
+                    stream = NoiseStream(transport, event.session, handshake.trailing_data())
+                    return event, stream
+                data = await transport.receive_some(MAX_PLAINTEXT)
+                if not data:
+                    raise RemoteProtocolError("connection closed during the noise handshake")
+                handshake.receive_data(data)
+    except trio.TooSlowError:
+        raise RemoteProtocolError(
+            f"noise handshake timed out after {timeout}s", ErrorCode.TIMEOUT
+        ) from None

@@ -1,0 +1,1 @@
+"""The network simulator: the real protocol cores in virtual time (issue 8)."""

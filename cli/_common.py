@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from dbloom.p2p import DialError, KeyFileError, MultiaddrError, ProtocolError
+from dbloom.p2p.kad import RecordRejected
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -25,6 +26,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     KeyFileError,
     MultiaddrError,
     ProtocolError,
+    RecordRejected,
     OSError,
     trio.TooSlowError,
     ValueError,
@@ -65,6 +67,8 @@ def describe(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
+    if isinstance(exc, RecordRejected):
+        return f"record refused: {exc}"
     return str(exc) or type(exc).__name__
 
 
@@ -82,6 +86,8 @@ def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         fail(describe(exc))
     except BaseExceptionGroup as group:
         leaf = _first_leaf(group)
+        if isinstance(leaf, typer.Exit | KeyboardInterrupt):
+            raise leaf from None
         if state.debug or not isinstance(leaf, EXPECTED_ERRORS):
             raise
         fail(describe(leaf))

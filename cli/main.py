@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from . import demo, keys, p2p
+from . import demo, dht, keys, p2p
 from ._common import state
 
 app = typer.Typer(
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 app.add_typer(keys.app, name="keys")
 app.add_typer(p2p.app, name="p2p")
+app.add_typer(dht.app, name="dht")
 app.command("demo")(demo.demo)
 
 

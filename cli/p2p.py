@@ -18,12 +18,14 @@ from dbloom.p2p import (
     open_host,
     ping,
 )
+from dbloom.p2p.kad import KadConfig, KademliaDHT
 
-from ._common import console, home_dir, run
+from ._common import console, fail, home_dir, run
 
 app = typer.Typer(help="Low-level peer-to-peer tools.", no_args_is_help=True)
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/4001"
+ROUTING_TABLE_FILE = "routing-table.json"
 
 
 async def wait_for_interrupt() -> None:
@@ -38,17 +40,36 @@ def serve(
     listen: list[str] = typer.Option(
         [DEFAULT_LISTEN], "--listen", "-l", help="Multiaddr to listen on (repeatable)."
     ),
+    dht: str = typer.Option("server", help="Kademlia mode: server, client or off."),
+    bootstrap: list[str] = typer.Option(
+        [], "--bootstrap", "-b", help="DHT peer to start from (repeatable)."
+    ),
     home: Path | None = typer.Option(None, help="Home folder holding the identity key."),
 ) -> None:
-    """Listen and answer ping and identify until interrupted."""
+    """Listen and answer ping, identify (and Kademlia) until interrupted."""
+    if dht not in ("server", "client", "off"):
+        fail(f"--dht must be server, client or off, not {dht!r}")
+
     async def main() -> None:
         addrs = [Multiaddr.parse(a) for a in listen]
-        identity = load_or_create_identity(home_dir(home) / KEY_FILE_NAME)
-        async with open_host(identity, listen=addrs) as host:
+        peers = tuple(Multiaddr.parse(b) for b in bootstrap)
+        home_path = home_dir(home)
+        identity = load_or_create_identity(home_path / KEY_FILE_NAME)
+        async with open_host(identity, listen=addrs) as host, trio.open_nursery() as nursery:
             for addr in host.listen_addrs:
                 console.print(f"listening on {addr}")
+            if dht != "off":
+                config = KadConfig(
+                    mode="server" if dht == "server" else "client",
+                    bootstrap=peers,
+                    table_path=home_path / ROUTING_TABLE_FILE,
+                )
+                table = KademliaDHT(host, config)
+                await nursery.start(table.run)
+                console.print(f"DHT {dht} mode, {len(table.table)} peers in the routing table")
             await wait_for_interrupt()
             console.print("shutting down")
+            nursery.cancel_scope.cancel()
 
     run(main)
 
@@ -62,6 +83,7 @@ def ping_command(
     timeout: float = typer.Option(10.0, help="Seconds to wait for each answer."),
 ) -> None:
     """Ping a peer and print each round trip and a summary."""
+
     async def main() -> None:
         target = Multiaddr.parse(address)
         async with open_host(KeyPair.generate()) as host:
@@ -86,6 +108,7 @@ def id_command(
     timeout: float = typer.Option(10.0, help="Seconds to wait."),
 ) -> None:
     """Print what a peer says about itself (identify)."""
+
     async def main() -> None:
         target = Multiaddr.parse(address)
         async with open_host(KeyPair.generate()) as host:

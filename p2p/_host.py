@@ -20,6 +20,7 @@ from . import multistream
 from ._errors import ErrorCode, ProtocolError
 from ._identify_core import IdentifyInfo
 from ._identity import KeyPair, PeerId, PublicKey
+from ._memory import MemoryTransport
 from ._multiaddr import Multiaddr, MultiaddrError
 from ._peerstore import PERMANENT, PeerStore
 from ._transport import RawConnection, TcpTransport, Transport
@@ -63,6 +64,9 @@ class HostConfig:
     addr_ttl: float = 600.0
     identify_on_connect: bool = True
     early_muxer_negotiation: bool = True
+    insecure_plaintext: bool = (
+        False  # simulations only: refused unless every transport is in-memory
+    )
     yamux: YamuxConfig = field(default_factory=YamuxConfig)
 
 
@@ -113,6 +117,7 @@ class NetStream(trio.abc.HalfCloseableStream):
 
 StreamHandler = Callable[[NetStream], Awaitable[None]]
 ConnectionListener = Callable[["Connection", bool], None]
+IdentifyListener = Callable[[PeerId, IdentifyInfo], None]
 
 
 class Connection:
@@ -137,6 +142,7 @@ class Connection:
         self.direction = direction
         self.opened_at = trio.current_time()
         self.duplicate = False
+        self.idle_since: float | None = None
         self.identified: IdentifyInfo | None = None
         self.close_reason: BaseException | None = None
         self._cancel = trio.CancelScope()
@@ -186,6 +192,7 @@ class Host:
         transports: Sequence[Transport],
         config: HostConfig,
     ) -> None:
+        _check_plaintext(config, transports)
         self.identity = identity
         self.peer_id = identity.peer_id
         self.config = config
@@ -199,7 +206,10 @@ class Host:
         self._listen_addrs: list[Multiaddr] = []
         self._listener_scopes: list[trio.CancelScope] = []
         self._connection_listeners: list[ConnectionListener] = []
+        self._identify_listeners: list[IdentifyListener] = []
         self._pending_inbound = 0
+        self._duplicates: set[Connection] = set()
+        self._duplicates_changed = trio.Event()
         self._closing = False
         self.refused_inbound = 0
 
@@ -221,6 +231,18 @@ class Host:
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         """Call `listener(connection, opened)` when a peer connects or disconnects."""
         self._connection_listeners.append(listener)
+
+    def add_identify_listener(self, listener: IdentifyListener) -> None:
+        """Call `listener(peer, info)` whenever a peer's identify answer or push arrives."""
+        self._identify_listeners.append(listener)
+
+    def notify_identified(self, peer: PeerId, info: IdentifyInfo) -> None:
+        """Tell identify listeners what `peer` said (called by the identify protocol)."""
+        for listener in list(self._identify_listeners):
+            try:
+                listener(peer, info)
+            except Exception:
+                log.exception("identify listener failed for %s", peer)
 
     # ---- listening -----------------------------------------------------------------
 
@@ -274,6 +296,7 @@ class Host:
                 yamux_config=config.yamux,
                 write_timeout=config.write_timeout,
                 early_muxer=config.early_muxer_negotiation,
+                plaintext=config.insecure_plaintext,
                 timeout=config.upgrade_timeout,
             )
         except DIAL_ERRORS as exc:
@@ -327,7 +350,6 @@ class Host:
                     await nursery.start(self._run_muxer, conn, nursery.cancel_scope)
                     self._register(conn)
                     task_status.started()
-                    nursery.start_soon(self._watch_idle, conn)
                     if self.config.identify_on_connect:
                         from ._identify import identify_connection
 
@@ -360,9 +382,7 @@ class Host:
     def _register(self, conn: Connection) -> None:
         conns = self._connections.setdefault(conn.peer_id, [])
         conns.append(conn)
-        best = min(conns, key=self._preference)
-        for other in conns:
-            other.duplicate = other is not best
+        self._mark_duplicates(conns)
         self.peerstore.add_addrs(conn.peer_id, [conn.remote_addr], PERMANENT, trio.current_time())
         event = self._dials.pop(conn.peer_id, None)
         if event is not None:
@@ -372,17 +392,28 @@ class Host:
 
     def _unregister(self, conn: Connection) -> None:
         conns = self._connections.get(conn.peer_id, [])
+        self._duplicates.discard(conn)
         if conn in conns:
             conns.remove(conn)
         if conns:
-            best = min(conns, key=self._preference)
-            best.duplicate = False
+            self._mark_duplicates(conns)
         else:
             self._connections.pop(conn.peer_id, None)
             self.peerstore.add_addrs(
                 conn.peer_id, [conn.remote_addr], self.config.addr_ttl, trio.current_time()
             )
             self._notify(conn, False)
+
+    def _mark_duplicates(self, conns: list[Connection]) -> None:
+        best = min(conns, key=self._preference)
+        for conn in conns:
+            conn.duplicate = conn is not best
+            if conn.duplicate:
+                self._duplicates.add(conn)
+            else:
+                self._duplicates.discard(conn)
+        self._duplicates_changed.set()
+        self._duplicates_changed = trio.Event()
 
     def _notify(self, conn: Connection, opened: bool) -> None:
         for listener in list(self._connection_listeners):
@@ -391,23 +422,32 @@ class Host:
             except Exception:
                 log.exception("connection listener failed for %s", conn.peer_id)
 
-    async def _watch_idle(self, conn: Connection) -> None:
-        idle_since: float | None = None
+    async def _sweep_idle(self) -> None:
+        """Close connections that carried no stream for their idle limit.
+
+        One task per host rather than a timer per connection: a simulation of
+        thousands of hosts would otherwise spend its time waking idle timers.
+        """
+        config = self.config
         while True:
-            limit = (
-                self.config.duplicate_idle_timeout if conn.duplicate else self.config.idle_timeout
-            )
-            await trio.sleep(max(0.05, min(limit / 4, 5.0)))
-            if conn.muxer.num_streams:
-                idle_since = None
-                continue
+            interval = min(config.idle_timeout / 4, 30.0)
+            if self._duplicates:
+                interval = min(interval, config.duplicate_idle_timeout / 4)
+            changed = self._duplicates_changed
+            with trio.move_on_after(max(0.05, interval)):
+                await changed.wait()
             now = trio.current_time()
-            if idle_since is None:
-                idle_since = now
-            elif now - idle_since >= limit:
-                log.debug("closing idle connection to %s", conn.peer_id)
-                await conn.aclose()
-                return
+            for conns in list(self._connections.values()):
+                for conn in list(conns):
+                    if conn.muxer.num_streams or conn.is_closed:
+                        conn.idle_since = None
+                        continue
+                    limit = config.duplicate_idle_timeout if conn.duplicate else config.idle_timeout
+                    if conn.idle_since is None:
+                        conn.idle_since = now
+                    elif now - conn.idle_since >= limit:
+                        log.debug("closing idle connection to %s", conn.peer_id)
+                        self._nursery.start_soon(conn.aclose)
 
     async def _handle_stream(self, conn: Connection, inner: YamuxStream) -> None:
         try:
@@ -429,7 +469,8 @@ class Host:
         try:
             await handler(stream)
         except STREAM_ERRORS as exc:
-            log.info("%s stream from %s ended: %s", protocol, conn.peer_id, exc)
+            if not self._closing and not conn.is_closed:
+                log.info("%s stream from %s ended: %s", protocol, conn.peer_id, exc)
             await stream.reset()
         except Exception:
             log.exception("handler for %s failed on a stream from %s", protocol, conn.peer_id)
@@ -507,6 +548,7 @@ class Host:
                 yamux_config=config.yamux,
                 write_timeout=config.write_timeout,
                 early_muxer=config.early_muxer_negotiation,
+                plaintext=config.insecure_plaintext,
                 timeout=config.upgrade_timeout,
             )
         except BaseException:
@@ -572,6 +614,11 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _check_plaintext(config: HostConfig, transports: Sequence[Transport]) -> None:
+    if config.insecure_plaintext and not all(isinstance(t, MemoryTransport) for t in transports):
+        raise ValueError("insecure_plaintext is only allowed on the in-memory network")
+
+
 @asynccontextmanager
 async def open_host(
     identity: KeyPair | None = None,
@@ -584,15 +631,14 @@ async def open_host(
     from ._identify import register_identify
     from ._ping import register_ping
 
+    config = config or HostConfig()
+    transports = transports if transports is not None else [TcpTransport()]
+    _check_plaintext(config, transports)
     async with trio.open_nursery() as nursery:
-        host = Host(
-            identity or KeyPair.generate(),
-            nursery,
-            transports=transports if transports is not None else [TcpTransport()],
-            config=config or HostConfig(),
-        )
+        host = Host(identity or KeyPair.generate(), nursery, transports=transports, config=config)
         register_ping(host)
         register_identify(host)
+        nursery.start_soon(host._sweep_idle)
         body_error: BaseException | None = None
         try:
             for addr in listen:

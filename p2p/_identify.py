@@ -60,6 +60,7 @@ def _record(host: Host, peer: PeerId, info: IdentifyInfo) -> None:
         store.add_addrs(peer, list(info.listen_addrs), host.config.addr_ttl, trio.current_time())
     if info.protocols or info.agent_version:
         store.set_identify(peer, protocols=list(info.protocols), agent=info.agent_version)
+    host.notify_identified(peer, info)
 
 
 async def _serve_identify(stream: NetStream) -> None:

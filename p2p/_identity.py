@@ -8,6 +8,7 @@ libp2p nodes too, so stock peers with older keys can still talk to us.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from enum import IntEnum
@@ -122,7 +123,11 @@ class PeerId:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> PeerId:
-        """Strictly decode a binary peer id (a multihash)."""
+        """Strictly decode a binary peer id (a multihash); repeats come from a cache."""
+        return _peer_id_from_bytes(bytes(raw))
+
+    @classmethod
+    def _decode(cls, raw: bytes) -> PeerId:
         code = decode_uvarint(raw)
         if code is None:
             raise DecodeError("empty peer id")
@@ -193,6 +198,12 @@ class PeerId:
 
     def __repr__(self) -> str:
         return f"PeerId({self.to_base58()})"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _peer_id_from_bytes(raw: bytes) -> PeerId:
+    # A DHT decodes the same few thousand peer ids over and over; they are immutable.
+    return PeerId._decode(raw)
 
 
 class KeyPair:

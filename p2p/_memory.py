@@ -83,10 +83,14 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         self._out = outgoing
         self._in = incoming
         self._send_lock = trio.StrictFIFOLock()
+        self._unsent = bytearray()
         self._closed = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Queue data; waits while the pipe holds more than its in-flight limit."""
+        if self._unsent:
+            data = bytes(self._unsent) + bytes(data)
+            self._unsent.clear()
         async with self._send_lock:
             pipe = self._out
             while True:
@@ -102,6 +106,27 @@ class MemoryStream(trio.abc.HalfCloseableStream):
             if data:
                 pipe.push(bytes(data), trio.current_time())
             await trio.lowlevel.checkpoint()
+
+    def send_all_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """Queue `data` now if the pipe has room (and nothing is waiting before it)."""
+        pipe = self._out
+        if self._closed or pipe.closed:
+            raise trio.ClosedResourceError("stream closed")
+        if pipe.reader_closed:
+            raise trio.BrokenResourceError("connection reset by peer")
+        if self._unsent or self._send_lock.locked() or pipe.in_flight >= pipe.max_in_flight:
+            self._unsent += data
+            return False
+        if data:
+            pipe.push(bytes(data), trio.current_time())
+        return True
+
+    async def flush(self) -> None:
+        """Send what `send_all_nowait` kept back."""
+        if self._unsent:
+            pending = bytes(self._unsent)
+            self._unsent.clear()
+            await self.send_all(pending)
 
     async def wait_send_all_might_not_block(self) -> None:
         """Waits until the pipe has room."""

@@ -7,6 +7,7 @@ no dependency tree (that package pulls in netaddr, py-cid, psutil and more).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Final
@@ -114,7 +115,11 @@ class Multiaddr:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Multiaddr:
-        """Decode the binary form from untrusted bytes."""
+        """Decode the binary form from untrusted bytes; repeats come from a cache."""
+        return _multiaddr_from_bytes(bytes(raw))
+
+    @classmethod
+    def _decode(cls, raw: bytes) -> Multiaddr:
         if len(raw) > MAX_MULTIADDR_BYTES:
             raise MultiaddrError("multiaddr too long")
         parts: list[tuple[str, str | None]] = []
@@ -148,6 +153,9 @@ class Multiaddr:
 
     def to_bytes(self) -> bytes:
         """The binary form (identify and Kademlia carry it)."""
+        return _multiaddr_to_bytes(self)
+
+    def _encode(self) -> bytes:
         out = bytearray()
         for name, value in self.parts:
             proto = _BY_NAME[name]
@@ -209,6 +217,17 @@ class Multiaddr:
         if host is not None:
             return ipaddress.ip_address(host).is_loopback
         return self.value_for("memory") is not None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _multiaddr_from_bytes(raw: bytes) -> Multiaddr:
+    # Kademlia replies repeat the same addresses endlessly; multiaddrs are immutable.
+    return Multiaddr._decode(raw)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _multiaddr_to_bytes(addr: Multiaddr) -> bytes:
+    return addr._encode()
 
 
 def _value_from_bytes(proto: _Proto, value: bytes) -> str:

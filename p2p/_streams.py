@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import trio
+
+
+@runtime_checkable
+class NowaitSendStream(Protocol):
+    """A stream that can take bytes without yielding when its buffer has room.
+
+    `send_all_nowait` returns True when everything was handed on; otherwise the
+    stream keeps the rest and `flush` must be awaited before the next write.
+    """
+
+    def send_all_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """Hand `data` on now if possible."""
+        ...
+
+    async def flush(self) -> None:
+        """Write out whatever `send_all_nowait` kept."""
+        ...
 
 
 class PrefixedStream(trio.abc.Stream):

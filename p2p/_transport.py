@@ -10,6 +10,7 @@ from typing import Protocol
 import trio
 
 from ._multiaddr import Multiaddr, MultiaddrError
+from ._tcp import TcpStream
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +76,7 @@ def tcp_host_port(addr: Multiaddr) -> tuple[str, int]:
 
 
 class TcpTransport:
-    """TCP via trio sockets, with TCP_NODELAY (trio's default) for small RPCs."""
+    """TCP: trio connects and accepts, `TcpStream` carries the bytes (TCP_NODELAY on)."""
 
     def handles(self, addr: Multiaddr) -> bool:
         """IP and DNS addresses over TCP."""
@@ -112,11 +113,10 @@ class TcpTransport:
 
 
 def _raw(stream: trio.SocketStream) -> RawConnection:
-    sock = stream.socket
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-    return RawConnection(
-        stream=stream,
-        local_addr=_sockaddr_to_multiaddr(sock.getsockname()),
-        remote_addr=_sockaddr_to_multiaddr(sock.getpeername()),
-    )
+    """Take the socket out of trio's SocketStream into our TcpStream."""
+    trio_sock = stream.socket
+    local = _sockaddr_to_multiaddr(trio_sock.getsockname())
+    remote = _sockaddr_to_multiaddr(trio_sock.getpeername())
+    sock = socket.socket(trio_sock.family, trio_sock.type, trio_sock.proto, trio_sock.detach())
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    return RawConnection(stream=TcpStream(sock), local_addr=local, remote_addr=remote)

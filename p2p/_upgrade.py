@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import multistream, noise
+from . import _plaintext, multistream, noise
 from ._errors import ErrorCode, RemoteProtocolError
 from ._identity import KeyPair, PeerId, PublicKey
 from ._streams import PrefixedStream
@@ -36,24 +36,34 @@ async def upgrade(
     yamux_config: YamuxConfig,
     write_timeout: float,
     early_muxer: bool = True,
+    plaintext: bool = False,
     timeout: float = DEFAULT_UPGRADE_TIMEOUT,
 ) -> Upgraded:
     """Secure and multiplex `raw` in the order the connections spec requires."""
     ms_role = multistream.Role.INITIATOR if initiator else multistream.Role.RESPONDER
     try:
         with trio.fail_after(timeout):
-            _, rest = await multistream.negotiate(raw, ms_role, [noise.PROTOCOL_ID])
-            done, secured = await noise.secure(
-                raw,
-                noise.Role.INITIATOR if initiator else noise.Role.RESPONDER,
-                identity,
-                static_key=static_key,
-                expected_peer=expected_peer,
-                muxers=[YAMUX] if early_muxer else [],
-                pending=rest,
-            )
-            stream: trio.abc.Stream = secured
-            if done.muxer != YAMUX:
+            if plaintext:
+                _, rest = await multistream.negotiate(raw, ms_role, [_plaintext.PROTOCOL_ID])
+                peer, key, rest = await _plaintext.exchange(
+                    raw, identity, expected_peer=expected_peer, pending=rest
+                )
+                secured: trio.abc.Stream = PrefixedStream(raw, rest) if rest else raw
+                muxer = None
+            else:
+                _, rest = await multistream.negotiate(raw, ms_role, [noise.PROTOCOL_ID])
+                done, secured = await noise.secure(
+                    raw,
+                    noise.Role.INITIATOR if initiator else noise.Role.RESPONDER,
+                    identity,
+                    static_key=static_key,
+                    expected_peer=expected_peer,
+                    muxers=[YAMUX] if early_muxer else [],
+                    pending=rest,
+                )
+                peer, key, muxer = done.peer_id, done.public_key, done.muxer
+            stream = secured
+            if muxer != YAMUX:
                 _, rest = await multistream.negotiate(secured, ms_role, [YAMUX])
                 if rest:
                     stream = PrefixedStream(secured, rest)
@@ -62,5 +72,6 @@ async def upgrade(
             f"connection upgrade timed out after {timeout}s", ErrorCode.TIMEOUT
         ) from None
     role = YamuxRole.CLIENT if initiator else YamuxRole.SERVER
-    muxer = YamuxConnection(stream, role, yamux_config, write_timeout=write_timeout)
-    return Upgraded(done.peer_id, done.public_key, muxer)
+    return Upgraded(
+        peer, key, YamuxConnection(stream, role, yamux_config, write_timeout=write_timeout)
+    )

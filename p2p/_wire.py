@@ -74,7 +74,7 @@ class FrameReader:
         self._buf = bytearray()
         self.max_size = max_size
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Buffer bytes read from the network."""
         self._buf += data
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from .._errors import ErrorCode, RemoteProtocolError
 from .._identity import KeyPair, PeerId
+from .._streams import NowaitSendStream
 from ._core import (
     MAX_PLAINTEXT,
     HandshakeComplete,
@@ -21,6 +22,10 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 RECEIVE_CHUNK = 1 << 18
 
 
+async def _nothing() -> None:
+    pass
+
+
 class NoiseStream(trio.abc.Stream):
     """An encrypted, authenticated byte stream over any trio stream."""
 
@@ -30,12 +35,40 @@ class NoiseStream(trio.abc.Stream):
         self.transport = transport
         self._session = session
         self._plain = bytearray()
+        self._unsent = bytearray()
+        self._nowait: Callable[[bytes], bool] | None = None
+        self._flush_transport: Callable[[], Awaitable[None]] = _nothing
+        if isinstance(transport, NowaitSendStream):
+            self._nowait = transport.send_all_nowait
+            self._flush_transport = transport.flush
         if pending:
             session.receive_data(pending)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and write; callers serialise their own writes (yamux holds a lock)."""
+        await self.flush()
         await self.transport.send_all(self._session.encrypt(data))
+
+    def send_all_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """Encrypt and hand to the transport without waiting; False means `flush` is due.
+
+        Over a transport with its own fast path (TcpStream, MemoryStream) a small
+        write completes here, with no yield; otherwise the ciphertext waits for `flush`.
+        """
+        sealed = self._session.encrypt(data)
+        if self._unsent or self._nowait is None:
+            self._unsent += sealed
+            return False
+        return self._nowait(sealed)
+
+    async def flush(self) -> None:
+        """Finish what `send_all_nowait` started."""
+        if self._unsent:
+            pending = bytes(self._unsent)
+            self._unsent.clear()
+            await self.transport.send_all(pending)
+        elif self._nowait is not None:
+            await self._flush_transport()
 
     async def wait_send_all_might_not_block(self) -> None:
         """Delegates to the transport."""

@@ -2,17 +2,20 @@
 
 ``js_listener`` runs ``node peer.mjs listen`` for the life of an ``async with`` block;
 ``js_dial`` runs ``node peer.mjs dial`` to completion and returns its JSON events.
-Everything stays on 127.0.0.1.
+``js_kad_server`` / ``js_kad`` do the same for ``node peer.mjs kad`` (a Kademlia DHT
+server / a one-shot DHT client). Everything stays on 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import shutil
 import subprocess
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ import trio
 INTEROP_DIR = Path(__file__).resolve().parent
 PEER_JS = INTEROP_DIR / "peer.mjs"
 DEFAULT_ECHO_PROTOCOL = "/dbloom/echo/1.0.0"
+DEFAULT_KAD_PROTOCOL = "/dbloom/kad/1.0.0"
 NPM_CI_TIMEOUT = 300.0
 STDERR_TAIL_LINES = 40
 
@@ -50,7 +54,7 @@ def _tail(data: bytes | str, lines: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-async def ensure_node_modules(timeout: float = NPM_CI_TIMEOUT) -> None:  # noqa: ASYNC109
+async def ensure_node_modules(timeout: float = NPM_CI_TIMEOUT) -> None:
     """Run ``npm ci`` in tests/interop if node_modules is missing or older than the lockfile.
 
     Raises RuntimeError (with the reason) if node/npm are missing or the install fails.
@@ -100,7 +104,7 @@ class JsListener:
         """The last lines the process wrote to stderr."""
         return "\n".join(self._stderr)
 
-    async def next_event(self, kind: str, timeout: float = 10.0) -> Event:  # noqa: ASYNC109
+    async def next_event(self, kind: str, timeout: float = 10.0) -> Event:
         """Return the earliest not-yet-returned event whose ``event`` field equals ``kind``.
 
         Events of other kinds are kept for later calls. Raises trio.TooSlowError on timeout
@@ -114,8 +118,10 @@ class JsListener:
                 try:
                     ev = await self._events.receive()
                 except trio.EndOfChannel:
+                    errors = [e.get("message") for e in self._backlog if e.get("event") == "error"]
                     raise JsPeerError(
-                        f"js listener exited before a {kind!r} event",
+                        f"js peer exited before a {kind!r} event"
+                        + (f": {errors[0]}" if errors else ""),
                         self._backlog,
                         self.stderr_tail(),
                     ) from None
@@ -166,9 +172,104 @@ async def js_listener(
     ``extra_args`` are passed through (e.g. ``["--identify-push"]``). The process is asked
     to stop (stdin closed) on exit and killed if it does not within a few seconds.
     """
+    args = ["listen", "--echo-protocol", echo_protocol, *extra_args]
+    async with _long_running(args, startup_timeout) as listener:
+        yield listener
+
+
+PutItems = Mapping[str, bytes] | Iterable[tuple[str, bytes]]
+
+
+def provider_key(name: str) -> bytes:
+    """The DHT provider key for NAME: the sha2-256 multihash of its UTF-8 bytes.
+
+    js-libp2p looks providers up by ``CIDv1(raw, that multihash)`` and sends the bare
+    multihash as the GET_PROVIDERS / ADD_PROVIDER key.
+    """
+    return bytes([0x12, 0x20]) + hashlib.sha256(name.encode()).digest()
+
+
+def provider_cid(name: str) -> str:
+    """``CIDv1(raw 0x55, provider_key(name))`` as base32 text, as peer.mjs reports it."""
+    cid = bytes([0x01, 0x55]) + provider_key(name)
+    return "b" + base64.b32encode(cid).decode().lower().rstrip("=")
+
+
+def kad_args(
+    bootstrap: Sequence[str] = (),
+    *,
+    protocol: str = DEFAULT_KAD_PROTOCOL,
+    server: bool = False,
+    provide: Sequence[str] = (),
+    put: PutItems = (),
+    find_providers: Sequence[str] = (),
+    get: Sequence[str] = (),
+) -> list[str]:
+    """The ``peer.mjs kad …`` argument list (without ``node peer.mjs``)."""
+    args = ["kad", "--protocol", protocol]
+    if server:
+        args.append("--server")
+    for addr in bootstrap:
+        args += ["--bootstrap", addr]
+    for name in provide:
+        args += ["--provide", name]
+    items = put.items() if isinstance(put, Mapping) else put
+    for key, value in items:
+        args += ["--put", f"{key}={bytes(value).hex()}"]
+    for name in find_providers:
+        args += ["--find-providers", name]
+    for key in get:
+        args += ["--get", key]
+    return args
+
+
+@asynccontextmanager
+async def js_kad_server(
+    bootstrap: Sequence[str] = (),
+    *,
+    protocol: str = DEFAULT_KAD_PROTOCOL,
+    provide: Sequence[str] = (),
+    put: PutItems = (),
+    find_providers: Sequence[str] = (),
+    get: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+    startup_timeout: float = 20.0,
+    ready_timeout: float = 60.0,
+) -> AsyncIterator[JsListener]:
+    """Run ``node peer.mjs kad --server`` (a js DHT server) for the life of the block.
+
+    Yields once the node has bootstrapped and done its ``provide``/``put``/``find_providers``/
+    ``get`` steps (its ``ready`` event); their events stay readable via ``next_event``
+    (``bootstrapped``, ``provided``, ``put``, ``providers``, ``value``), as do
+    ``routing_table_add``, ``connection`` and ``identify`` events that come later.
+    """
+    args = kad_args(
+        bootstrap,
+        protocol=protocol,
+        server=True,
+        provide=provide,
+        put=put,
+        find_providers=find_providers,
+        get=get,
+    )
+    async with _long_running([*args, *extra_args], startup_timeout) as server:
+        try:
+            await server.next_event("ready", timeout=ready_timeout)
+        except trio.TooSlowError:
+            raise JsPeerError(
+                f"js DHT server was not ready within {ready_timeout:.0f} s",
+                server._backlog,
+                server.stderr_tail(),
+            ) from None
+        yield server
+
+
+@asynccontextmanager
+async def _long_running(args: Sequence[str], startup_timeout: float) -> AsyncIterator[JsListener]:
+    """Run ``node peer.mjs ARGS…`` and yield a JsListener once it prints ``listening``."""
     await ensure_node_modules()
     node = _which("node")
-    cmd = [node, str(PEER_JS), "listen", "--echo-protocol", echo_protocol, *extra_args]
+    cmd = [node, str(PEER_JS), *args]
     stderr: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     send, recv = trio.open_memory_channel[Event](math.inf)
     proc = await trio.lowlevel.open_process(
@@ -234,7 +335,7 @@ async def js_dial(
     multiaddr: str,
     echo_protocol: str = DEFAULT_ECHO_PROTOCOL,
     payload_size: int = 1000,
-    timeout: float = 60.0,  # noqa: ASYNC109
+    timeout: float = 60.0,
     extra_args: Sequence[str] = (),
 ) -> list[Event]:
     """Run ``node peer.mjs dial`` against ``multiaddr`` and return its parsed events.
@@ -242,18 +343,51 @@ async def js_dial(
     The dialer pings 3 times, runs identify, echoes ``payload_size`` random bytes and prints
     ``done``. Raises JsPeerError (with the stderr tail) on a non-zero exit or timeout.
     """
-    await ensure_node_modules()
-    node = _which("node")
-    cmd = [
-        node, str(PEER_JS), "dial", multiaddr,
+    args = [
+        "dial", multiaddr,
         "--echo-protocol", echo_protocol,
         "--payload-size", str(payload_size),
         *extra_args,
     ]  # fmt: skip
+    return await _run_to_completion(args, timeout, "js dialer")
+
+
+async def js_kad(
+    bootstrap: Sequence[str],
+    *,
+    protocol: str = DEFAULT_KAD_PROTOCOL,
+    find_providers: Sequence[str] = (),
+    get: Sequence[str] = (),
+    provide: Sequence[str] = (),
+    put: PutItems = (),
+    timeout: float = 60.0,
+    extra_args: Sequence[str] = (),
+) -> list[Event]:
+    """Run a one-shot js DHT client (``node peer.mjs kad``) and return its parsed events.
+
+    It dials every ``bootstrap`` multiaddr, waits for its routing table, then provides,
+    puts, finds providers and gets, in that order, printing one event per item (see
+    README.md). ``put`` maps record keys to value bytes. Raises JsPeerError on a non-zero
+    exit or timeout; a ``get`` that finds nothing is an ``error`` field, not a failure.
+    """
+    args = kad_args(
+        bootstrap,
+        protocol=protocol,
+        provide=provide,
+        put=put,
+        find_providers=find_providers,
+        get=get,
+    )
+    return await _run_to_completion([*args, *extra_args], timeout, "js DHT client")
+
+
+async def _run_to_completion(args: Sequence[str], timeout: float, what: str) -> list[Event]:
+    await ensure_node_modules()
+    node = _which("node")
     try:
         with trio.fail_after(timeout):
             result = await trio.run_process(
-                cmd,
+                [node, str(PEER_JS), *args],
                 cwd=INTEROP_DIR,
                 stdin=subprocess.DEVNULL,
                 capture_stdout=True,
@@ -261,13 +395,13 @@ async def js_dial(
                 check=False,
             )
     except trio.TooSlowError:
-        raise JsPeerError(f"js dialer did not finish within {timeout:.0f} s", [], "") from None
+        raise JsPeerError(f"{what} did not finish within {timeout:.0f} s", [], "") from None
     events = _parse_events(result.stdout)
     stderr_tail = _tail(result.stderr)
     if result.returncode != 0:
         errors = [e.get("message") for e in events if e.get("event") == "error"]
         raise JsPeerError(
-            f"js dialer exited {result.returncode}: {errors[0] if errors else 'no error event'}",
+            f"{what} exited {result.returncode}: {errors[0] if errors else 'no error event'}",
             events,
             stderr_tail,
         )
@@ -290,11 +424,17 @@ def node_available() -> bool:
 
 __all__ = [
     "DEFAULT_ECHO_PROTOCOL",
+    "DEFAULT_KAD_PROTOCOL",
     "INTEROP_DIR",
     "JsListener",
     "JsPeerError",
     "ensure_node_modules",
     "js_dial",
+    "js_kad",
+    "js_kad_server",
     "js_listener",
+    "kad_args",
     "node_available",
+    "provider_cid",
+    "provider_key",
 ]

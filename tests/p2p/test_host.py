@@ -232,3 +232,32 @@ async def test_memory_network_bandwidth_and_loss(autojump_clock: trio.testing.Mo
         assert bytes(received) == payload
         # 500 kB each way at 1 MB/s is 0.5 s of serialisation per direction, plus retransmissions.
         assert trio.current_time() - start > 0.5
+
+
+async def test_plaintext_only_on_the_memory_network() -> None:
+    config = HostConfig(insecure_plaintext=True)
+    with pytest.raises(ValueError, match="only allowed on the in-memory network"):
+        async with open_host(KeyPair.generate(), config=config):
+            pass
+    network = MemoryNetwork()
+    async with (
+        open_host(
+            KeyPair.generate(),
+            listen=["/memory/0"],
+            transports=[network.transport()],
+            config=config,
+        ) as a,
+        open_host(
+            KeyPair.generate(),
+            listen=["/memory/0"],
+            transports=[network.transport()],
+            config=config,
+        ) as b,
+    ):
+        conn = await a.connect(b.listen_addrs[0])
+        assert conn.peer_id == b.peer_id
+        assert await ping(a, b.peer_id, count=2)
+        wrong = b.listen_addrs[0].with_peer_id(KeyPair.generate().peer_id)
+        await a.disconnect(b.peer_id)
+        with pytest.raises(DialError):
+            await a.connect(wrong)

@@ -24,6 +24,8 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/transport.py
+	$(BIN)/python bench/dht.py --sizes 1000
+	$(BIN)/python bench/inference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -165,6 +165,31 @@ async def bench_tcp(port: int, samples: int, seconds: float) -> dict[str, float]
     }
 
 
+async def bench_in_process(samples: int) -> tuple[float, float]:
+    """Echo round trip p50 (µs) with both ends in this process: dbloom, then plain TCP."""
+    config = HostConfig(identify_on_connect=False)
+
+    async def echo(stream: NetStream) -> None:
+        await _echo(stream)
+
+    async with (
+        open_host(KeyPair.generate(), listen=["/ip4/127.0.0.1/tcp/0"], config=config) as server,
+        open_host(KeyPair.generate(), config=config) as client,
+    ):
+        server.set_stream_handler(ECHO, echo)
+        stream = await client.new_stream(server.listen_addrs[0], [ECHO])
+        await round_trips(stream, 200)
+        ours = pct(await round_trips(stream, samples), 0.5) * 1e6
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, _echo, listeners)
+        tcp = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
+        await round_trips(tcp, 200)
+        plain = pct(await round_trips(tcp, samples), 0.5) * 1e6
+        nursery.cancel_scope.cancel()
+    return ours, plain
+
+
 def spawn(kind: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([sys.executable, __file__, kind], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -191,13 +216,17 @@ def main() -> None:
         tcp = trio.run(bench_tcp, int(port), args.samples, args.seconds)
         ours = trio.run(bench_dbloom, Multiaddr.parse(addr), args.samples, args.seconds)
     finally:
-        dbloom_proc.kill()
-        tcp_proc.kill()
+        for proc in (dbloom_proc, tcp_proc):
+            proc.kill()
+            proc.wait()
+    local_ours, local_tcp = trio.run(bench_in_process, args.samples)
+    ours["rtt50_local"], tcp["rtt50_local"] = local_ours, local_tcp
     rows = [
         ("connect + handshake + first stream (ms)", "connect", "{:.2f}", "<= 5 ms"),
         ("stream open on a live connection (ms)", "open", "{:.3f}", ""),
         ("32-byte echo round trip p50 (µs)", "rtt50", "{:.0f}", "<= 150 µs"),
         ("32-byte echo round trip p99 (µs)", "rtt99", "{:.0f}", ""),
+        ("  same, both ends in one process, p50 (µs)", "rtt50_local", "{:.0f}", ""),
         (
             "one-stream throughput, 64 KiB writes (MB/s)",
             "mbps",

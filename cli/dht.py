@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -28,6 +30,21 @@ def _config(bootstrap: list[str], mode: str = "client") -> KadConfig:
     )
 
 
+@asynccontextmanager
+async def running_dht(
+    config: KadConfig, identity: KeyPair | None = None, listen: tuple[str, ...] = ()
+) -> AsyncIterator[KademliaDHT]:
+    """A host with a bootstrapped DHT for the length of one command."""
+    async with (
+        open_host(identity or KeyPair.generate(), listen=listen) as host,
+        trio.open_nursery() as nursery,
+    ):
+        dht = KademliaDHT(host, config)
+        await nursery.start(dht.run)
+        yield dht
+        nursery.cancel_scope.cancel()
+
+
 @app.command("provide")
 def provide(
     key: str = typer.Argument(..., help="Name to provide, e.g. dbloom:model:tiny."),
@@ -41,15 +58,12 @@ def provide(
     async def main() -> None:
         config = _config(bootstrap, mode="server")
         identity = load_or_create_identity(home_dir(home) / KEY_FILE_NAME)
-        async with open_host(identity, listen=[listen]) as host, trio.open_nursery() as nursery:
-            dht = KademliaDHT(host, config)
-            await nursery.start(dht.run)
+        async with running_dht(config, identity, (listen,)) as dht:
             stored = await dht.provide(provider_key(key))
-            console.print(f"{host.peer_id} provides {key!r}: stored at {stored} peers")
+            console.print(f"{dht.host.peer_id} provides {key!r}: stored at {stored} peers")
             if not once:
                 console.print("keeping the record fresh; Ctrl-C to stop")
                 await wait_for_interrupt()
-            nursery.cancel_scope.cancel()
 
     run(main)
 
@@ -64,17 +78,16 @@ def find_providers(
 
     async def main() -> None:
         config = _config(bootstrap)
-        async with open_host(KeyPair.generate()) as host, trio.open_nursery() as nursery:
-            dht = KademliaDHT(host, config)
-            await nursery.start(dht.run)
-            found = 0
-            async with dht.find_providers(provider_key(key), count) as results:
-                async for info in results:
-                    found += 1
-                    addrs = " ".join(str(a) for a in info.addrs) or "(no address)"
-                    console.print(f"{info.peer_id} {addrs}")
-            console.print(f"{found} provider(s) of {key!r}")
-            nursery.cancel_scope.cancel()
+        found = 0
+        async with (
+            running_dht(config) as dht,
+            dht.find_providers(provider_key(key), count) as results,
+        ):
+            async for info in results:
+                found += 1
+                addrs = " ".join(str(a) for a in info.addrs) or "(no address)"
+                console.print(f"{info.peer_id} {addrs}")
+        console.print(f"{found} provider(s) of {key!r}")
         if not found:
             raise typer.Exit(1)
 
@@ -91,12 +104,8 @@ def get(
 
     async def main() -> bytes | None:
         config = _config(bootstrap)
-        async with open_host(KeyPair.generate()) as host, trio.open_nursery() as nursery:
-            dht = KademliaDHT(host, config)
-            await nursery.start(dht.run)
-            value = await dht.get(key.encode(), quorum=quorum)
-            nursery.cancel_scope.cancel()
-            return value
+        async with running_dht(config) as dht:
+            return await dht.get(key.encode(), quorum=quorum)
 
     value = run(main)
     if value is None:
@@ -131,17 +140,14 @@ def put(
     async def main() -> None:
         config = _config(bootstrap)
         identity = load_or_create_identity(home_dir(home) / KEY_FILE_NAME)
-        async with open_host(identity) as host, trio.open_nursery() as nursery:
-            dht = KademliaDHT(host, config)
-            await nursery.start(dht.run)
+        async with running_dht(config, identity) as dht:
             if sign:
-                own_key = node_record_key(host.peer_id)
+                own_key = node_record_key(dht.host.peer_id)
                 if key.encode() != own_key:
                     fail(f"--sign stores this peer's record: use {own_key.decode()}")
                 stored = await dht.publish_node_record(data)
             else:
                 stored = await dht.put(key.encode(), data)
             console.print(f"stored {key!r} at {stored} peers")
-            nursery.cancel_scope.cancel()
 
     run(main)

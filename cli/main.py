@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from dbloom.inference import models_app
+
 from . import demo, dht, keys, p2p
 from ._common import state
 
@@ -17,6 +19,7 @@ app = typer.Typer(
 app.add_typer(keys.app, name="keys")
 app.add_typer(p2p.app, name="p2p")
 app.add_typer(dht.app, name="dht")
+app.add_typer(models_app, name="models")
 app.command("demo")(demo.demo)
 
 

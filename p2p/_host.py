@@ -17,7 +17,7 @@ from typing import Literal
 import trio
 
 from . import multistream
-from ._errors import ErrorCode, ProtocolError
+from ._errors import ErrorCode, ProtocolError, RemoteProtocolError
 from ._identify_core import IdentifyInfo
 from ._identity import KeyPair, PeerId, PublicKey
 from ._memory import MemoryTransport
@@ -74,12 +74,19 @@ class NetStream(trio.abc.HalfCloseableStream):
     """A negotiated stream to a peer: knows its protocol, peer and connection."""
 
     def __init__(
-        self, inner: YamuxStream, protocol: str, connection: Connection, prefix: bytes = b""
+        self,
+        inner: YamuxStream,
+        protocol: str,
+        connection: Connection,
+        prefix: bytes = b"",
+        *,
+        unconfirmed: multistream.Negotiator | None = None,
     ) -> None:
         self.inner = inner
         self.protocol = protocol
         self.connection = connection
         self._prefix = prefix
+        self._unconfirmed = unconfirmed
 
     @property
     def peer_id(self) -> PeerId:
@@ -96,11 +103,23 @@ class NetStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Bytes pipelined behind the negotiation first, then the stream."""
+        if self._unconfirmed is not None:
+            await self._confirm(self._unconfirmed)
         if self._prefix:
             size = len(self._prefix) if max_bytes is None else max_bytes
             out, self._prefix = self._prefix[:size], self._prefix[size:]
             return out
         return await self.inner.receive_some(max_bytes)
+
+    async def _confirm(self, negotiator: multistream.Negotiator) -> None:
+        """Read the answer to a lazily proposed protocol; raises if the peer refused it."""
+        while not isinstance(negotiator.next_event(), multistream.ProtocolSelected):
+            data = await self.inner.receive_some()
+            if not data:
+                raise RemoteProtocolError("stream closed before the protocol was confirmed")
+            negotiator.receive_data(data)
+        self._unconfirmed = None
+        self._prefix = negotiator.trailing_data()
 
     async def send_eof(self) -> None:
         """Half-close (yamux FIN)."""
@@ -156,10 +175,24 @@ class Connection:
         return self.muxer.is_closed
 
     async def new_stream(
-        self, protocols: Sequence[str], *, timeout: float | None = None
+        self, protocols: Sequence[str], *, timeout: float | None = None, lazy: bool = False
     ) -> NetStream:
-        """Open a stream and agree on the first of `protocols` the peer supports."""
+        """Open a stream and agree on the first of `protocols` the peer supports.
+
+        `lazy` (one protocol only) sends the proposal and returns at once, so the
+        first request travels with it and an RPC costs one round trip, not two; a
+        refusal then surfaces as NegotiationFailed on the first read.
+        """
         inner = await self.muxer.open_stream()
+        if lazy and len(protocols) == 1:
+            negotiator = multistream.Negotiator(multistream.Role.INITIATOR, protocols)
+            try:
+                await inner.send_all(negotiator.data_to_send())
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await inner.reset()
+                raise
+            return NetStream(inner, protocols[0], self, unconfirmed=negotiator)
         try:
             protocol, rest = await multistream.negotiate(
                 inner,
@@ -571,10 +604,11 @@ class Host:
         protocols: Sequence[str],
         *,
         timeout: float | None = None,
+        lazy: bool = False,
     ) -> NetStream:
         """Connect if needed, open a stream and negotiate one of `protocols`."""
         conn = await self.connect(peer, timeout=timeout)
-        return await conn.new_stream(protocols, timeout=timeout)
+        return await conn.new_stream(protocols, timeout=timeout, lazy=lazy)
 
     async def disconnect(self, peer: PeerId) -> None:
         """Close every connection to `peer`."""

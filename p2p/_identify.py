@@ -85,7 +85,7 @@ async def identify(
     host: Host, peer: PeerId | Multiaddr | str, *, timeout: float = IDENTIFY_TIMEOUT
 ) -> IdentifyInfo:
     """Ask a peer who it is; the answer is checked against its peer id and stored."""
-    stream = await host.new_stream(peer, [IDENTIFY], timeout=timeout)
+    stream = await host.new_stream(peer, [IDENTIFY], timeout=timeout, lazy=True)
     try:
         with trio.fail_after(timeout):
             info = await _read_info(stream)
@@ -98,7 +98,7 @@ async def identify(
 async def identify_connection(host: Host, conn: Connection) -> None:
     """Identify a freshly connected peer in the background; failures are logged, not fatal."""
     try:
-        stream = await conn.new_stream([IDENTIFY], timeout=IDENTIFY_TIMEOUT)
+        stream = await conn.new_stream([IDENTIFY], timeout=IDENTIFY_TIMEOUT, lazy=True)
         try:
             with trio.fail_after(IDENTIFY_TIMEOUT):
                 info = await _read_info(stream)

@@ -332,7 +332,7 @@ class KademliaDHT:
     async def _rpc(self, target: PeerId | Multiaddr, request: KadMessage) -> KadMessage | None:
         """One request on a fresh stream; the reply (None for ADD_PROVIDER)."""
         stream = await self.host.new_stream(
-            target, [self.config.protocol], timeout=self.config.query_timeout
+            target, [self.config.protocol], timeout=self.config.query_timeout, lazy=True
         )
         try:
             await stream.send_all(encode_frame(request.to_bytes()))
@@ -462,23 +462,30 @@ class KademliaDHT:
         me = self._self_info()
         if self.config.mode == "server":
             self.providers.add(key, me, trio.current_time())
-        result = await self._lookup(kad_key(key), MessageType.FIND_NODE, key)
         request = KadMessage(type=MessageType.ADD_PROVIDER, key=key, provider_peers=(me,))
-        stored = 0
+        return await self._send_to_closest(key, request)
 
-        async def add(peer: PeerId) -> None:
-            nonlocal stored
+    async def _send_to_closest(self, key: bytes, request: KadMessage) -> int:
+        """Send `request` to the k peers closest to `key`; returns how many took it."""
+        result = await self._lookup(kad_key(key), MessageType.FIND_NODE, key)
+        return await self._send_to(result.closest, request)
+
+    async def _send_to(self, peers: list[PeerId], request: KadMessage) -> int:
+        accepted = 0
+
+        async def send(peer: PeerId) -> None:
+            nonlocal accepted
             try:
                 with trio.fail_after(self.config.query_timeout):
                     await self._rpc(peer, request)
-                stored += 1
+                accepted += 1
             except (*RPC_ERRORS, trio.TooSlowError) as exc:
-                log.debug("ADD_PROVIDER to %s failed: %s", peer, exc)
+                log.debug("%s to %s failed: %s", request.type.name, peer, exc)
 
         async with trio.open_nursery() as nursery:
-            for peer in result.closest:
-                nursery.start_soon(add, peer)
-        return stored
+            for peer in peers:
+                nursery.start_soon(send, peer)
+        return accepted
 
     async def _republish_providers(self) -> None:
         for key in list(self._provided):
@@ -540,25 +547,10 @@ class KademliaDHT:
         return await self._store_at_closest(key, value)
 
     async def _store_at_closest(self, key: bytes, value: bytes) -> int:
-        result = await self._lookup(kad_key(key), MessageType.FIND_NODE, key)
-        request = KadMessage(
-            type=MessageType.PUT_VALUE, key=key, record=Record(key=key, value=value)
+        record = Record(key=key, value=value)
+        return await self._send_to_closest(
+            key, KadMessage(type=MessageType.PUT_VALUE, key=key, record=record)
         )
-        stored = 0
-
-        async def put_one(peer: PeerId) -> None:
-            nonlocal stored
-            try:
-                with trio.fail_after(self.config.query_timeout):
-                    await self._rpc(peer, request)
-                stored += 1
-            except (*RPC_ERRORS, trio.TooSlowError) as exc:
-                log.debug("PUT_VALUE to %s failed: %s", peer, exc)
-
-        async with trio.open_nursery() as nursery:
-            for peer in result.closest:
-                nursery.start_soon(put_one, peer)
-        return stored
 
     async def _republish_records(self) -> None:
         for key, value in list(self._own_records.items()):
@@ -604,15 +596,9 @@ class KademliaDHT:
         return best
 
     async def _correct(self, key: bytes, best: bytes, peers: list[PeerId]) -> None:
-        request = KadMessage(
-            type=MessageType.PUT_VALUE, key=key, record=Record(key=key, value=best)
-        )
-        for peer in peers:
-            try:
-                with trio.fail_after(self.config.query_timeout):
-                    await self._rpc(peer, request)
-            except (*RPC_ERRORS, trio.TooSlowError):
-                pass
+        """Send the best record to peers that answered with a worse one."""
+        record = Record(key=key, value=best)
+        await self._send_to(peers, KadMessage(type=MessageType.PUT_VALUE, key=key, record=record))
 
 
 async def _read_message(stream: NetStream, reader: FrameReader, max_size: int) -> KadMessage | None:

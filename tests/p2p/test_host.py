@@ -261,3 +261,15 @@ async def test_plaintext_only_on_the_memory_network() -> None:
         await a.disconnect(b.peer_id)
         with pytest.raises(DialError):
             await a.connect(wrong)
+
+
+async def test_lazy_stream_sends_its_request_with_the_proposal(make_host: HostFactory) -> None:
+    async with make_host() as a, make_host() as b:
+        stream = await a.new_stream(b.listen_addrs[0], [ECHO], lazy=True)
+        await stream.send_all(b"hello")
+        assert await stream.receive_some() == b"hello"
+        refused = await a.new_stream(b.peer_id, ["/nope/1.0.0"], lazy=True)
+        await refused.send_all(b"request")
+        with pytest.raises(NegotiationFailed):
+            await refused.receive_some()
+        await ping(a, b.peer_id)

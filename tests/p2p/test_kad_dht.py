@@ -227,12 +227,15 @@ async def test_put_get_with_quorum_and_sequence(autojump_clock: trio.testing.Moc
 
 async def test_client_mode_peers_stay_out_of_tables(autojump_clock: trio.testing.MockClock) -> None:
     memory = MemoryNetwork(default=LinkProfile(latency=0.01))
-    async with kad_network(10, memory=memory) as net, open_host(
-        KeyPair.generate(),
-        listen=["/memory/0"],
-        transports=[memory.transport()],
-        config=HostConfig(insecure_plaintext=True),
-    ) as host:
+    async with (
+        kad_network(10, memory=memory) as net,
+        open_host(
+            KeyPair.generate(),
+            listen=["/memory/0"],
+            transports=[memory.transport()],
+            config=HostConfig(insecure_plaintext=True),
+        ) as host,
+    ):
         client = KademliaDHT(
             host, KadConfig(mode="client", bootstrap=(net.hosts[0].listen_addrs[0],))
         )

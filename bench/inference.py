@@ -1,0 +1,362 @@
+"""Inference benchmark: local mlx-lm vs our engine over TCP vs `mlx_lm.server`.
+
+Builds the generated `small` model (about 25M parameters, random weights) unless `--model`
+names a folder, then measures, all greedy:
+
+  (a) `mlx_lm.stream_generate` in-process, one stream: decode tok/s and TTFT;
+  (b) the same request through `serve_infer`/`infer` over loopback TCP, one stream;
+  (c) 8 concurrent streams through our engine over TCP versus `mlx_lm.server` (started
+      here on 127.0.0.1) with 8 concurrent HTTP clients on `/v1/completions`: aggregate
+      tok/s (all completion tokens over the wall time) and mean TTFT.
+
+Each figure is the median of `--repeats` single-stream runs or `--batch-repeats`
+concurrent runs. The two sides run in back-to-back pairs and each ratio is the median of
+the per-pair ratios, so drifting background load on a shared machine mostly cancels.
+Targets: (b)/(a) >= 0.98, (c) ours/server >= 1.0.
+
+    .venv/bin/python bench/inference.py [--model DIR] [--tokens 128] [--streams 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from dbloom.inference import (
+    Final,
+    GenerateRequest,
+    MLXEngine,
+    build_tiny_model,
+    infer,
+    serve_infer,
+)
+
+MODEL_ID = "bench-small"
+PROMPT = "The quick brown fox jumps over the lazy dog near the quiet river bank, and then"
+SERVER_START_TIMEOUT = 120.0
+REQUEST_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One measured stream: tokens, time to first token, decode time after it."""
+
+    tokens: int
+    ttft: float
+    decode_seconds: float
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Concurrent streams: total tokens over wall time, and their mean TTFT."""
+
+    tokens: int
+    wall_seconds: float
+    mean_ttft: float
+
+    @property
+    def aggregate_tps(self) -> float:
+        return self.tokens / self.wall_seconds
+
+
+def stream_prompt(i: int) -> str:
+    return f"Stream {i}: {PROMPT}"
+
+
+def local_run(model: Any, tokenizer: Any, tokens: int) -> Run:
+    """(a) In-process `stream_generate`."""
+    from mlx_lm import stream_generate
+
+    start = time.perf_counter()
+    first = last = start
+    count = 0
+    for response in stream_generate(model, tokenizer, PROMPT, max_tokens=tokens):
+        last = time.perf_counter()
+        if count == 0:
+            first = last
+        if response.finish_reason == "stop" and response.token in tokenizer.eos_token_ids:
+            break
+        count += 1
+    return Run(count, first - start, last - first)
+
+
+async def our_stream(port: int, prompt: str, tokens: int) -> tuple[Run, float]:
+    """One stream through `infer` over TCP; returns the run and its finish time."""
+    request = GenerateRequest(model=MODEL_ID, prompt=prompt, max_tokens=tokens, temperature=0.0)
+    start = time.perf_counter()
+    first = last = start
+    count = 0
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with aclosing(infer(stream, request)) as items:
+        async for item in items:
+            if isinstance(item, Final):
+                break
+            last = time.perf_counter()
+            if count == 0:
+                first = last
+            count += len(item.token_ids)
+    return Run(count, first - start, last - first), last
+
+
+async def server_stream(port: int, prompt: str, tokens: int) -> tuple[Run, float]:
+    """One streaming `/v1/completions` request to `mlx_lm.server`."""
+    body = json.dumps(
+        {
+            "prompt": prompt,
+            "max_tokens": tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    start = time.perf_counter()
+    first = last = start
+    seen_text = False
+    usage = 0
+    buffer = b""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(head + body)
+        while data := await stream.receive_some(65536):
+            buffer += data
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                line = event.strip().split(b"\r\n")[-1]
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                payload = json.loads(line[6:])
+                if payload.get("usage"):
+                    usage = payload["usage"]["completion_tokens"]
+                if payload.get("choices") and payload["choices"][0].get("text"):
+                    last = time.perf_counter()
+                    if not seen_text:
+                        first, seen_text = last, True
+    return Run(usage, first - start, last - first), last
+
+
+async def concurrent(
+    one: Callable[[int, str, int], Any], port: int, streams: int, tokens: int, salt: int
+) -> Batch:
+    """Start `streams` requests at once; wall time runs to the last token."""
+    runs: list[tuple[Run, float]] = []
+
+    async def go(i: int) -> None:
+        runs.append(await one(port, f"{salt}.{stream_prompt(i)}", tokens))
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(streams):
+            nursery.start_soon(go, i)
+    end = max(finish for _, finish in runs)
+    return Batch(
+        tokens=sum(r.tokens for r, _ in runs),
+        wall_seconds=end - start,
+        mean_ttft=statistics.mean(r.ttft for r, _ in runs),
+    )
+
+
+async def wait_for_port(port: int, timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.25)
+                continue
+            await stream.aclose()
+            return
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def median_run(runs: list[Run]) -> Run:
+    return Run(
+        tokens=int(statistics.median(r.tokens for r in runs)),
+        ttft=statistics.median(r.ttft for r in runs),
+        decode_seconds=statistics.median(r.decode_seconds for r in runs),
+    )
+
+
+def median_batch(batches: list[Batch]) -> Batch:
+    return Batch(
+        tokens=int(statistics.median(b.tokens for b in batches)),
+        wall_seconds=statistics.median(b.wall_seconds for b in batches),
+        mean_ttft=statistics.median(b.mean_ttft for b in batches),
+    )
+
+
+async def bench(
+    model_dir: Path, tokens: int, streams: int, repeats: int, batch_repeats: int
+) -> dict[str, Any]:
+    from mlx_lm import load
+
+    loaded = load(str(model_dir))
+    model, tokenizer = loaded[0], loaded[1]
+    results: dict[str, Any] = {}
+    async with (
+        MLXEngine(model_dir, model_id=MODEL_ID, max_batch=streams) as engine,
+        trio.open_nursery() as nursery,
+    ):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(
+            partial(trio.serve_listeners, partial(serve_infer, engine=engine), listeners)
+        )
+        ours = listeners[0].socket.getsockname()[1]
+        server_port = free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "mlx_lm.server",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(server_port),
+            "--log-level",
+            "WARNING",
+        ]
+        server = await nursery.start(
+            partial(trio.run_process, command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+        await wait_for_port(server_port, SERVER_START_TIMEOUT)
+
+        with trio.fail_after(REQUEST_TIMEOUT):
+            local_run(model, tokenizer, 8)
+            await our_stream(ours, PROMPT, 8)
+            await concurrent(our_stream, ours, streams, 8, -1)
+            await concurrent(server_stream, server_port, streams, 8, -1)
+
+            local: list[Run] = []
+            tcp: list[Run] = []
+            for _ in range(repeats):
+                local.append(await trio.to_thread.run_sync(local_run, model, tokenizer, tokens))
+                tcp.append((await our_stream(ours, PROMPT, tokens))[0])
+            results["a"] = median_run(local)
+            results["b"] = median_run(tcp)
+            results["b/a"] = statistics.median(
+                b.decode_tps / a.decode_tps for a, b in zip(local, tcp, strict=True)
+            )
+
+            engine_batches: list[Batch] = []
+            server_batches: list[Batch] = []
+            for r in range(batch_repeats):
+                server_batches.append(
+                    await concurrent(server_stream, server_port, streams, tokens, r)
+                )
+                engine_batches.append(await concurrent(our_stream, ours, streams, tokens, r))
+            results["c_ours"] = median_batch(engine_batches)
+            results["c_server"] = median_batch(server_batches)
+            results["c"] = statistics.median(
+                o.aggregate_tps / v.aggregate_tps
+                for o, v in zip(engine_batches, server_batches, strict=True)
+            )
+        server.terminate()
+        nursery.cancel_scope.cancel()
+    return results
+
+
+def report(results: dict[str, Any], tokens: int, streams: int, console: Console) -> None:
+    a: Run = results["a"]
+    b: Run = results["b"]
+    ours: Batch = results["c_ours"]
+    server: Batch = results["c_server"]
+    table = Table(title=f"small model, greedy, {tokens} tokens per stream (medians)")
+    for column in ("case", "streams", "tokens", "tok/s", "TTFT ms", "vs baseline"):
+        table.add_column(column, justify="left" if column == "case" else "right")
+    table.add_row(
+        "(a) local stream_generate",
+        "1",
+        str(a.tokens),
+        f"{a.decode_tps:.1f}",
+        f"{a.ttft * 1e3:.1f}",
+        "baseline",
+    )
+    table.add_row(
+        "(b) engine via serve_infer/infer, TCP",
+        "1",
+        str(b.tokens),
+        f"{b.decode_tps:.1f}",
+        f"{b.ttft * 1e3:.1f}",
+        f"{results['b/a']:.3f}x (a)",
+    )
+    table.add_row(
+        "(c) mlx_lm.server, HTTP",
+        str(streams),
+        str(server.tokens),
+        f"{server.aggregate_tps:.1f}",
+        f"{server.mean_ttft * 1e3:.1f}",
+        "baseline",
+    )
+    table.add_row(
+        "(c) engine via serve_infer/infer, TCP",
+        str(streams),
+        str(ours.tokens),
+        f"{ours.aggregate_tps:.1f}",
+        f"{ours.mean_ttft * 1e3:.1f}",
+        f"{results['c']:.3f}x server",
+    )
+    console.print(table)
+    console.print(
+        "decode tok/s for single streams (tokens after the first over the time after it); "
+        "aggregate tok/s for concurrent streams (all tokens over wall time, TTFT included)."
+    )
+    console.print(
+        "ratios are medians of per-pair ratios (each pair runs back to back), "
+        "which cancels most drift in background load."
+    )
+    console.print(
+        f"targets: (b)/(a) = {results['b/a']:.3f} (>= 0.98), "
+        f"(c) ours/server = {results['c']:.3f} (>= 1.0)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, help="model folder (default: build `small`)")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
+    parser.add_argument("--streams", type=int, default=8, help="concurrent streams in (c)")
+    parser.add_argument("--repeats", type=int, default=7, help="single-stream pairs (median)")
+    parser.add_argument("--batch-repeats", type=int, default=3, help="concurrent pairs (median)")
+    args = parser.parse_args()
+    console = Console()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or build_tiny_model(Path(tmp) / "small", size="small")
+        results = trio.run(
+            bench, model_dir, args.tokens, args.streams, args.repeats, args.batch_repeats
+        )
+    report(results, args.tokens, args.streams, console)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""What a generation yields: `Chunk`s of text and tokens, then one `Final`.
+
+The same objects flow from the engine, through the `/dbloom/infer` wire format, to the
+client, so a remote generation looks exactly like a local one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class FinishReason(StrEnum):
+    """Why a generation ended."""
+
+    STOP = "stop"
+    """The model produced an end-of-sequence token or a stop string matched."""
+    LENGTH = "length"
+    """`max_tokens` tokens were generated."""
+    CANCELLED = "cancelled"
+    """The consumer gave up before the end."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenLogprob:
+    """The log-probability of a sampled token and, on request, its strongest rivals."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Chunk:
+    """One decode step's output for one request.
+
+    `text` never contains a stop string, nor the start of one that may still complete:
+    such text is held back until it is safe. `token_ids` are every sampled token (a
+    stop string's tokens included, end-of-sequence tokens excluded), so `text` may be
+    empty while tokens arrive. `logprobs`, when requested, has one entry per token.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Final:
+    """The last item of every successful generation: accounting and the reason it ended.
+
+    `completion_tokens` counts the token ids delivered in chunks. `receipt` is empty
+    until signed receipts exist; the node will fill it before sending.
+    """
+
+    request_id: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    receipt: bytes | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens, as billed."""
+        return self.prompt_tokens + self.completion_tokens

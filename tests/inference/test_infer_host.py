@@ -1,0 +1,67 @@
+"""`/dbloom/infer/1.0.0` on the real libp2p host: TCP + Noise + yamux, one stream per request."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import Any
+
+import trio
+from infer_helpers import MODEL_ID, tokens_of
+
+from dbloom.inference import (
+    PROTOCOL_ID,
+    Chunk,
+    Final,
+    GenerateRequest,
+    MLXEngine,
+    infer,
+    serve_infer,
+)
+from dbloom.p2p import Host, KeyPair, NetStream, open_host
+
+
+async def ask(client: Host, server: Host, request: GenerateRequest) -> tuple[list[Chunk], Final]:
+    stream = await client.new_stream(server.listen_addrs[0], [PROTOCOL_ID])
+    chunks: list[Chunk] = []
+    async with aclosing(infer(stream, request)) as items:
+        async for item in items:
+            if isinstance(item, Final):
+                return chunks, item
+            chunks.append(item)
+    raise AssertionError("no final")
+
+
+async def test_greedy_through_the_encrypted_host_equals_mlx(
+    engine: MLXEngine, reference: Any
+) -> None:
+    from mlx_lm import stream_generate
+
+    model, tokenizer = reference
+
+    async def handler(stream: NetStream) -> None:
+        await serve_infer(stream, engine)
+
+    async with (
+        open_host(KeyPair.generate(), listen=["/ip4/127.0.0.1/tcp/0"]) as node,
+        open_host(KeyPair.generate()) as client,
+    ):
+        node.set_stream_handler(PROTOCOL_ID, handler)
+        prompts = ["Hello world", "Peers find each other", "Noise keeps it private"]
+        results: dict[str, list[int]] = {}
+
+        async def one(prompt: str) -> None:
+            request = GenerateRequest(model=MODEL_ID, prompt=prompt, max_tokens=32, temperature=0.0)
+            chunks, final = await ask(client, node, request)
+            assert final.completion_tokens == len(tokens_of(chunks))
+            results[prompt] = tokens_of(chunks)
+
+        async with trio.open_nursery() as nursery:
+            for prompt in prompts:
+                nursery.start_soon(one, prompt)
+        for prompt in prompts:
+            expected = list(stream_generate(model, tokenizer, prompt, max_tokens=32))
+            ids = [r.token for r in expected]
+            if expected[-1].finish_reason == "stop":
+                ids.pop()
+            assert results[prompt] == ids
+        assert client.num_connections == 1  # three requests, one connection, three streams

@@ -363,3 +363,15 @@ async def test_lookups_succeed_despite_hostile_peers(
             assert value is not None and open_node_record(value).data == b"ok"
         # every lookup finished within its timeouts (virtual time)
         assert trio.current_time() - start < 10 * 2 * config.lookup_timeout
+
+
+async def test_find_peer_learns_addresses_it_never_had(autojump_clock: trio.testing.MockClock) -> None:
+    memory = MemoryNetwork(default=LinkProfile(latency=0.01))
+    async with kad_network(30, memory=memory) as net:
+        asker, target = net.dhts[29], net.hosts[1]
+        asker.host.peerstore.prune(float("inf"))  # forget every address learned so far
+        assert asker.host.peerstore.addrs(target.peer_id, trio.current_time()) == []
+        addrs = await asker.find_peer(target.peer_id)
+        assert target.listen_addrs[0].without_peer_id() in addrs
+        unknown = KeyPair.generate().peer_id
+        assert await asker.find_peer(unknown) == []

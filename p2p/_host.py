@@ -80,7 +80,7 @@ class NetStream(trio.abc.HalfCloseableStream):
         connection: Connection,
         prefix: bytes = b"",
         *,
-        unconfirmed: multistream.Negotiator | None = None,
+        unconfirmed: multistream.LazyProposal | None = None,
     ) -> None:
         self.inner = inner
         self.protocol = protocol
@@ -111,15 +111,16 @@ class NetStream(trio.abc.HalfCloseableStream):
             return out
         return await self.inner.receive_some(max_bytes)
 
-    async def _confirm(self, negotiator: multistream.Negotiator) -> None:
+    async def _confirm(self, proposal: multistream.LazyProposal) -> None:
         """Read the answer to a lazily proposed protocol; raises if the peer refused it."""
-        while not isinstance(negotiator.next_event(), multistream.ProtocolSelected):
+        rest = None
+        while rest is None:
             data = await self.inner.receive_some()
             if not data:
                 raise RemoteProtocolError("stream closed before the protocol was confirmed")
-            negotiator.receive_data(data)
+            rest = proposal.confirm(data)
         self._unconfirmed = None
-        self._prefix = negotiator.trailing_data()
+        self._prefix = rest
 
     async def send_eof(self) -> None:
         """Half-close (yamux FIN)."""
@@ -185,14 +186,14 @@ class Connection:
         """
         inner = await self.muxer.open_stream()
         if lazy and len(protocols) == 1:
-            negotiator = multistream.Negotiator(multistream.Role.INITIATOR, protocols)
+            proposal = multistream.LazyProposal(protocols[0])
             try:
-                await inner.send_all(negotiator.data_to_send())
+                await inner.send_all(proposal.data)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await inner.reset()
                 raise
-            return NetStream(inner, protocols[0], self, unconfirmed=negotiator)
+            return NetStream(inner, proposal.protocol, self, unconfirmed=proposal)
         try:
             protocol, rest = await multistream.negotiate(
                 inner,

@@ -16,6 +16,7 @@ from . import _protobuf as pb
 from ._errors import DecodeError, ErrorCode, RemoteProtocolError
 from ._identity import KeyPair, PeerId, PublicKey
 from ._wire import FrameReader, encode_frame
+from .multistream import LazyProposal
 
 PROTOCOL_ID: Final = "/plaintext/2.0.0"
 MAX_EXCHANGE: Final = 4096
@@ -47,16 +48,26 @@ async def exchange(
     *,
     expected_peer: PeerId | None,
     pending: bytes = b"",
+    preamble: LazyProposal | None = None,
+    then_send: bytes = b"",
 ) -> tuple[PeerId, PublicKey, bytes]:
-    """Swap identities; returns the remote's and any bytes read past its message."""
-    await stream.send_all(encode_exchange(identity))
+    """Swap identities; returns the remote's and any bytes read past its message.
+
+    The initiator's lazy `/plaintext/2.0.0` proposal (`preamble`) and whatever it
+    wants to pipeline behind its identity (`then_send`) go out in one write.
+    """
+    head = preamble.data if preamble is not None else b""
+    await stream.send_all(head + encode_exchange(identity) + then_send)
     reader = FrameReader(max_size=MAX_EXCHANGE)
     reader.receive_data(pending)
     while (frame := reader.next_frame()) is None:
-        data = await stream.receive_some()
+        data: bytes | bytearray | None = await stream.receive_some()
         if not data:
             raise RemoteProtocolError("connection closed during the plaintext exchange")
-        reader.receive_data(data)
+        if preamble is not None and not preamble.confirmed:
+            data = preamble.confirm(data)
+        if data:
+            reader.receive_data(data)
     peer, key = decode_exchange(frame)
     if expected_peer is not None and peer != expected_peer:
         raise RemoteProtocolError(f"dialed {expected_peer} but reached {peer}", ErrorCode.AUTH)

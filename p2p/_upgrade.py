@@ -41,17 +41,34 @@ async def upgrade(
 ) -> Upgraded:
     """Secure and multiplex `raw` in the order the connections spec requires."""
     ms_role = multistream.Role.INITIATOR if initiator else multistream.Role.RESPONDER
+    muxer_proposal: multistream.LazyProposal | None = None
     try:
         with trio.fail_after(timeout):
             if plaintext:
-                _, rest = await multistream.negotiate(raw, ms_role, [_plaintext.PROTOCOL_ID])
-                peer, key, rest = await _plaintext.exchange(
-                    raw, identity, expected_peer=expected_peer, pending=rest
-                )
+                if initiator:
+                    # Everything up to the first yamux frame leaves in one write.
+                    muxer_proposal = multistream.LazyProposal(YAMUX)
+                    peer, key, rest = await _plaintext.exchange(
+                        raw,
+                        identity,
+                        expected_peer=expected_peer,
+                        preamble=multistream.LazyProposal(_plaintext.PROTOCOL_ID),
+                        then_send=muxer_proposal.data,
+                    )
+                else:
+                    _, rest = await multistream.negotiate(raw, ms_role, [_plaintext.PROTOCOL_ID])
+                    peer, key, rest = await _plaintext.exchange(
+                        raw, identity, expected_peer=expected_peer, pending=rest
+                    )
                 secured: trio.abc.Stream = PrefixedStream(raw, rest) if rest else raw
-                muxer = None
+                muxer = YAMUX if initiator else None
             else:
-                _, rest = await multistream.negotiate(raw, ms_role, [noise.PROTOCOL_ID])
+                rest = b""
+                preamble = None
+                if initiator:
+                    preamble = multistream.LazyProposal(noise.PROTOCOL_ID)
+                else:
+                    _, rest = await multistream.negotiate(raw, ms_role, [noise.PROTOCOL_ID])
                 done, secured = await noise.secure(
                     raw,
                     noise.Role.INITIATOR if initiator else noise.Role.RESPONDER,
@@ -60,6 +77,7 @@ async def upgrade(
                     expected_peer=expected_peer,
                     muxers=[YAMUX] if early_muxer else [],
                     pending=rest,
+                    preamble=preamble,
                 )
                 peer, key, muxer = done.peer_id, done.public_key, done.muxer
             stream = secured
@@ -72,6 +90,7 @@ async def upgrade(
             f"connection upgrade timed out after {timeout}s", ErrorCode.TIMEOUT
         ) from None
     role = YamuxRole.CLIENT if initiator else YamuxRole.SERVER
-    return Upgraded(
-        peer, key, YamuxConnection(stream, role, yamux_config, write_timeout=write_timeout)
+    connection = YamuxConnection(
+        stream, role, yamux_config, write_timeout=write_timeout, preamble=muxer_proposal
     )
+    return Upgraded(peer, key, connection)

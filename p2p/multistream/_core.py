@@ -177,3 +177,26 @@ class Negotiator:
         if "\n" in text:
             raise DecodeError("multistream message holds a newline")
         return text
+
+
+class LazyProposal:
+    """One protocol proposed without waiting for the answer (multistream "V1Lazy").
+
+    The proposal goes out in the same write as the protocol's own first bytes, which
+    saves a round trip per negotiation; `confirm` later takes the answer off the
+    incoming bytes and returns what follows it. A refusal raises NegotiationFailed.
+    """
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+        self._negotiator = Negotiator(Role.INITIATOR, [protocol])
+        self.data = self._negotiator.data_to_send()
+        self.confirmed = False
+
+    def confirm(self, data: bytes | bytearray) -> bytes | None:
+        """Feed received bytes: None while the answer is incomplete, else the bytes after it."""
+        self._negotiator.receive_data(data)
+        if isinstance(self._negotiator.next_event(), ProtocolSelected):
+            self.confirmed = True
+            return self._negotiator.trailing_data()
+        return None

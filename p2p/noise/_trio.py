@@ -9,6 +9,7 @@ import trio
 from .._errors import ErrorCode, RemoteProtocolError
 from .._identity import KeyPair, PeerId
 from .._streams import NowaitSendStream
+from ..multistream import LazyProposal
 from ._core import (
     MAX_PLAINTEXT,
     HandshakeComplete,
@@ -108,28 +109,38 @@ async def secure(
     expected_peer: PeerId | None = None,
     muxers: Sequence[str] = (),
     pending: bytes = b"",
+    preamble: LazyProposal | None = None,
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> tuple[HandshakeComplete, NoiseStream]:
-    """Run the XX handshake; return who the remote is and the encrypted stream."""
+    """Run the XX handshake; return who the remote is and the encrypted stream.
+
+    With a `preamble` (the initiator's lazy multistream proposal of `/noise`), the
+    proposal travels with message 1 and its answer is checked on the way back.
+    """
     handshake = NoiseHandshake(
         role, identity, static_key=static_key, expected_peer=expected_peer, muxers=muxers
     )
     if pending:
         handshake.receive_data(pending)
+    out = preamble.data if preamble is not None else b""
     try:
         with trio.fail_after(timeout):
             while True:
                 event = handshake.next_event()
-                out = handshake.data_to_send()
+                out += handshake.data_to_send()
                 if out:
                     await transport.send_all(out)
+                    out = b""
                 if isinstance(event, HandshakeComplete):
                     stream = NoiseStream(transport, event.session, handshake.trailing_data())
                     return event, stream
-                data = await transport.receive_some(MAX_PLAINTEXT)
+                data: bytes | bytearray | None = await transport.receive_some(MAX_PLAINTEXT)
                 if not data:
                     raise RemoteProtocolError("connection closed during the noise handshake")
-                handshake.receive_data(data)
+                if preamble is not None and not preamble.confirmed:
+                    data = preamble.confirm(data)
+                if data:
+                    handshake.receive_data(data)
     except trio.TooSlowError:
         raise RemoteProtocolError(
             f"noise handshake timed out after {timeout}s", ErrorCode.TIMEOUT

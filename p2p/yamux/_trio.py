@@ -31,6 +31,7 @@ import trio
 
 from .._errors import ProtocolError, RemoteProtocolError
 from .._streams import NowaitSendStream
+from ..multistream import LazyProposal
 from ._core import (
     DEFAULT_CONFIG,
     DataReceived,
@@ -351,8 +352,10 @@ class YamuxConnection:
         *,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         accept_backlog: int = DEFAULT_ACCEPT_BACKLOG,
+        preamble: LazyProposal | None = None,
     ) -> None:
         self._transport = transport
+        self._preamble = preamble  # a lazy `/yamux` proposal already sent; its answer comes first
         self._nowait: Callable[[bytes], bool] | None = None
         self._transport_flush: Callable[[], Awaitable[None]] | None = None
         if isinstance(transport, NowaitSendStream):
@@ -497,6 +500,20 @@ class YamuxConnection:
                 session.receive_data(b"")
                 self._terminate("connection closed by peer", None)
                 return None
+            preamble = self._preamble
+            if preamble is not None:
+                try:
+                    rest = preamble.confirm(data)
+                except ProtocolError as exc:
+                    error = RemoteProtocolError(f"yamux refused: {exc}", exc.code)
+                    self._terminate("muxer negotiation failed", error)
+                    return error
+                if rest is None:
+                    continue
+                self._preamble = None
+                if not rest:  # b"" would read as end of stream to the core
+                    continue
+                data = rest
             try:
                 events = session.receive_data(data)
             except RemoteProtocolError as exc:

@@ -365,7 +365,9 @@ async def test_lookups_succeed_despite_hostile_peers(
         assert trio.current_time() - start < 10 * 2 * config.lookup_timeout
 
 
-async def test_find_peer_learns_addresses_it_never_had(autojump_clock: trio.testing.MockClock) -> None:
+async def test_find_peer_learns_addresses_it_never_had(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     memory = MemoryNetwork(default=LinkProfile(latency=0.01))
     async with kad_network(30, memory=memory) as net:
         asker, target = net.dhts[29], net.hosts[1]

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from functools import partial
 
 import trio
 
-from dbloom.inference import Chunk, Engine, Final, Generation, serve_infer
+from dbloom.inference import (
+    Chunk,
+    Engine,
+    Final,
+    GenerateRequest,
+    Generation,
+    infer,
+    serve_infer,
+)
 
 MODEL_ID = "tiny"
 
@@ -28,6 +37,19 @@ def tokens_of(chunks: list[Chunk]) -> list[int]:
 
 def text_of(chunks: list[Chunk]) -> str:
     return "".join(c.text for c in chunks)
+
+
+async def infer_all(
+    stream: trio.abc.HalfCloseableStream, request: GenerateRequest
+) -> tuple[list[Chunk], Final]:
+    """Send `request` over `stream` and read the whole answer."""
+    chunks: list[Chunk] = []
+    async with aclosing(infer(stream, request)) as items:
+        async for item in items:
+            if isinstance(item, Final):
+                return chunks, item
+            chunks.append(item)
+    raise AssertionError("the node sent no Final")
 
 
 async def start_server(nursery: trio.Nursery, engine: Engine) -> int:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from contextlib import aclosing
 from typing import Any
 
 import trio
-from infer_helpers import MODEL_ID, tokens_of
+from infer_helpers import MODEL_ID, infer_all, tokens_of
 
 from dbloom.inference import (
     PROTOCOL_ID,
@@ -14,21 +13,13 @@ from dbloom.inference import (
     Final,
     GenerateRequest,
     MLXEngine,
-    infer,
     serve_infer,
 )
 from dbloom.p2p import Host, KeyPair, NetStream, open_host
 
 
 async def ask(client: Host, server: Host, request: GenerateRequest) -> tuple[list[Chunk], Final]:
-    stream = await client.new_stream(server.listen_addrs[0], [PROTOCOL_ID])
-    chunks: list[Chunk] = []
-    async with aclosing(infer(stream, request)) as items:
-        async for item in items:
-            if isinstance(item, Final):
-                return chunks, item
-            chunks.append(item)
-    raise AssertionError("no final")
+    return await infer_all(await client.new_stream(server.listen_addrs[0], [PROTOCOL_ID]), request)
 
 
 async def test_greedy_through_the_encrypted_host_equals_mlx(

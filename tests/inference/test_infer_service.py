@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from infer_helpers import MODEL_ID, start_server, text_of, tokens_of
+from infer_helpers import MODEL_ID, infer_all, start_server, text_of, tokens_of
 
 from dbloom.inference import (
     Chunk,
@@ -41,14 +41,7 @@ def greedy(prompt: str, max_tokens: int = 24, **kwargs: Any) -> GenerateRequest:
 
 
 async def remote(port: int, request: GenerateRequest) -> tuple[list[Chunk], Final]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    chunks: list[Chunk] = []
-    async with aclosing(infer(stream, request)) as items:
-        async for item in items:
-            if isinstance(item, Final):
-                return chunks, item
-            chunks.append(item)
-    raise AssertionError("no final")
+    return await infer_all(await trio.open_tcp_stream("127.0.0.1", port), request)
 
 
 async def test_greedy_over_tcp_equals_mlx_generate(server_port: int, reference: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+from fuzzing import mutations
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -24,20 +25,6 @@ from dbloom.p2p.noise import HandshakePayload
 
 KEY = KeyPair.from_seed(b"\x01" * 32)
 VALID_ADDR = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/4001/p2p/{KEY.peer_id}")
-
-
-def mutations(valid: bytes) -> st.SearchStrategy[bytes]:
-    """Valid bytes with a flipped byte, truncated, extended, or spliced."""
-    if not valid:
-        return st.binary(max_size=64)
-    index = st.integers(0, len(valid) - 1)
-    return st.one_of(
-        st.binary(max_size=256),
-        st.builds(lambda i, b: valid[:i] + bytes([b]) + valid[i + 1 :], index, st.integers(0, 255)),
-        st.builds(lambda i: valid[:i], index),
-        st.builds(lambda extra: valid + extra, st.binary(min_size=1, max_size=32)),
-        st.builds(lambda i, junk: valid[:i] + junk + valid[i:], index, st.binary(max_size=16)),
-    )
 
 
 @given(st.integers(0, (1 << 63) - 1))

@@ -6,6 +6,7 @@ import contextlib
 
 import nacl.signing
 import pytest
+from fuzzing import mutations
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -46,18 +47,6 @@ def peers(n: int) -> tuple[PeerInfo, ...]:
     return tuple(
         PeerInfo(peer_id=KeyPair.from_seed(bytes([i % 256, i // 256]) * 16).peer_id)
         for i in range(n)
-    )
-
-
-def mutations(valid: bytes) -> st.SearchStrategy[bytes]:
-    """Valid bytes with a flipped byte, truncated, extended, or spliced."""
-    index = st.integers(0, len(valid) - 1)
-    return st.one_of(
-        st.binary(max_size=256),
-        st.builds(lambda i, b: valid[:i] + bytes([b]) + valid[i + 1 :], index, st.integers(0, 255)),
-        st.builds(lambda i: valid[:i], index),
-        st.builds(lambda extra: valid + extra, st.binary(min_size=1, max_size=32)),
-        st.builds(lambda i, junk: valid[:i] + junk + valid[i:], index, st.binary(max_size=16)),
     )
 
 

@@ -4,8 +4,8 @@ Builds the generated `small` model (about 25M parameters, random weights) unless
 names a folder, then measures, all greedy:
 
   (a) `mlx_lm.stream_generate` in-process, one stream: decode tok/s and TTFT;
-  (b) the same request through `serve_infer`/`infer` over loopback TCP, one stream;
-  (c) 8 concurrent streams through our engine over TCP versus `mlx_lm.server` (started
+  (b) the same request through `/dbloom/infer` on our host (loopback TCP + Noise + yamux);
+  (c) 8 concurrent streams through our engine and host versus `mlx_lm.server` (started
       here on 127.0.0.1) with 8 concurrent HTTP clients on `/v1/completions`: aggregate
       tok/s (all completion tokens over the wall time) and mean TTFT.
 
@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dbloom.inference import (
+    PROTOCOL_ID,
     Final,
     GenerateRequest,
     MLXEngine,
@@ -46,6 +47,7 @@ from dbloom.inference import (
     infer,
     serve_infer,
 )
+from dbloom.p2p import Host, KeyPair, Multiaddr, NetStream, open_host
 
 MODEL_ID = "bench-small"
 PROMPT = "The quick brown fox jumps over the lazy dog near the quiet river bank, and then"
@@ -100,13 +102,15 @@ def local_run(model: Any, tokenizer: Any, tokens: int) -> Run:
     return Run(count, first - start, last - first)
 
 
-async def our_stream(port: int, prompt: str, tokens: int) -> tuple[Run, float]:
-    """One stream through `infer` over TCP; returns the run and its finish time."""
+async def our_stream(node: tuple[Host, Multiaddr], prompt: str, tokens: int) -> tuple[Run, float]:
+    """One request on its own stream through our host (TCP + Noise + yamux, connection
+    kept); returns the run and its finish time."""
+    client, address = node
     request = GenerateRequest(model=MODEL_ID, prompt=prompt, max_tokens=tokens, temperature=0.0)
     start = time.perf_counter()
     first = last = start
     count = 0
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = await client.new_stream(address, [PROTOCOL_ID])
     async with aclosing(infer(stream, request)) as items:
         async for item in items:
             if isinstance(item, Final):
@@ -160,13 +164,13 @@ async def server_stream(port: int, prompt: str, tokens: int) -> tuple[Run, float
 
 
 async def concurrent(
-    one: Callable[[int, str, int], Any], port: int, streams: int, tokens: int, salt: int
+    one: Callable[[Any, str, int], Any], target: Any, streams: int, tokens: int, salt: int
 ) -> Batch:
     """Start `streams` requests at once; wall time runs to the last token."""
     runs: list[tuple[Run, float]] = []
 
     async def go(i: int) -> None:
-        runs.append(await one(port, f"{salt}.{stream_prompt(i)}", tokens))
+        runs.append(await one(target, f"{salt}.{stream_prompt(i)}", tokens))
 
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
@@ -225,13 +229,16 @@ async def bench(
     results: dict[str, Any] = {}
     async with (
         MLXEngine(model_dir, model_id=MODEL_ID, max_batch=streams) as engine,
+        open_host(KeyPair.generate(), listen=["/ip4/127.0.0.1/tcp/0"]) as node,
+        open_host(KeyPair.generate()) as client,
         trio.open_nursery() as nursery,
     ):
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        await nursery.start(
-            partial(trio.serve_listeners, partial(serve_infer, engine=engine), listeners)
-        )
-        ours = listeners[0].socket.getsockname()[1]
+
+        async def handler(stream: NetStream) -> None:
+            await serve_infer(stream, engine)
+
+        node.set_stream_handler(PROTOCOL_ID, handler)
+        ours = (client, node.listen_addrs[0])
         server_port = free_port()
         command = [
             sys.executable,
@@ -303,7 +310,7 @@ def report(results: dict[str, Any], tokens: int, streams: int, console: Console)
         "baseline",
     )
     table.add_row(
-        "(b) engine via serve_infer/infer, TCP",
+        "(b) engine via /dbloom/infer on our host",
         "1",
         str(b.tokens),
         f"{b.decode_tps:.1f}",
@@ -319,7 +326,7 @@ def report(results: dict[str, Any], tokens: int, streams: int, console: Console)
         "baseline",
     )
     table.add_row(
-        "(c) engine via serve_infer/infer, TCP",
+        "(c) engine via /dbloom/infer on our host",
         str(streams),
         str(ours.tokens),
         f"{ours.aggregate_tps:.1f}",

@@ -101,3 +101,12 @@ async def test_serve_ping_and_id(tmp_path: Path) -> None:
         with trio.fail_after(10):
             await proc.wait()
         assert proc.returncode == 0
+
+
+def test_demo_finds_a_model_and_streams_an_answer(tmp_path: Path) -> None:
+    result = run("demo", home=tmp_path, timeout=180)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "client found 2 provider(s)" in out
+    assert "over TCP + Noise XX + yamux" in out
+    assert "48 tokens, finish length" in out and "done:" in out

@@ -6,6 +6,7 @@ from ._dht import LookupResult as LookupResult
 from ._envelope import NodeEnvelope as NodeEnvelope
 from ._envelope import open_node_record as open_node_record
 from ._envelope import seal_node_record as seal_node_record
+from ._keys import common_prefix_length as common_prefix_length
 from ._keys import distance as distance
 from ._keys import kad_key as kad_key
 from ._keys import node_record_key as node_record_key

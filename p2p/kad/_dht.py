@@ -31,7 +31,7 @@ from .._multiaddr import Multiaddr
 from .._ping import ping
 from .._wire import FrameReader, encode_frame
 from ._envelope import seal_node_record
-from ._keys import kad_key, node_record_key, peer_key
+from ._keys import common_prefix_length, kad_key, node_record_key, peer_key
 from ._lookup import Finished, Lookup, Query, Waiting
 from ._messages import (
     DEFAULT_MAX_MESSAGE,
@@ -57,6 +57,7 @@ RPC_ERRORS = (
 )
 MAX_REQUESTS_PER_STREAM = 64
 MAX_SNAPSHOT_PEERS = 5000
+MAX_BUCKET_KEY_TRIES = 1 << 18
 INBOUND_STREAM_IDLE = 30.0
 
 
@@ -176,9 +177,26 @@ class KademliaDHT:
         now = trio.current_time()
         await self.find_closest_peers(self.host.peer_id.multihash)
         for index in self.table.stale_buckets(now, self.config.refresh_interval)[:16]:
-            target = self.table.random_key_in_bucket(index, self.rng)
-            await self._lookup(target, MessageType.FIND_NODE, b"")
+            key = self.random_key_in_bucket(index)
+            if key is not None:
+                await self.find_closest_peers(key)
         self._save_table()
+
+    def random_key_in_bucket(
+        self, index: int, *, max_tries: int = MAX_BUCKET_KEY_TRIES
+    ) -> bytes | None:
+        """A raw key whose keyspace position shares exactly `index` leading bits with ours.
+
+        Peers answer FIND_NODE for SHA-256 of the key they are sent, so a bucket refresh
+        must send a key that hashes into that bucket (found by trying: about 2^(index+1)
+        hashes; None past `max_tries`, for buckets deeper than any network reaches).
+        """
+        local = self.table.local_key
+        for _ in range(max_tries):
+            raw = self.rng.randbytes(32)
+            if common_prefix_length(kad_key(raw), local) == index:
+                return raw
+        return None
 
     async def _expire(self) -> None:
         await trio.lowlevel.checkpoint()

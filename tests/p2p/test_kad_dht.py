@@ -22,6 +22,8 @@ from dbloom.p2p.kad import (
     PeerInfo,
     Record,
     RecordRejected,
+    common_prefix_length,
+    kad_key,
     node_record_key,
     open_node_record,
     provider_key,
@@ -377,3 +379,16 @@ async def test_find_peer_learns_addresses_it_never_had(
         assert target.listen_addrs[0].without_peer_id() in addrs
         unknown = KeyPair.generate().peer_id
         assert await asker.find_peer(unknown) == []
+
+
+async def test_bucket_refresh_sends_keys_that_hash_into_the_bucket(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    memory = MemoryNetwork(default=LinkProfile(latency=0.01))
+    async with kad_network(3, memory=memory) as net:
+        dht = net.dhts[0]
+        for index in (0, 1, 5, 12):
+            key = dht.random_key_in_bucket(index)
+            assert key is not None
+            assert common_prefix_length(kad_key(key), dht.table.local_key) == index
+        assert dht.random_key_in_bucket(200, max_tries=1000) is None

@@ -20,7 +20,7 @@ from contextlib import AsyncExitStack
 import trio
 import trio.testing
 
-from dbloom.p2p import HostConfig, KeyPair, LinkProfile, MemoryNetwork, open_host
+from dbloom.p2p import HostConfig, KeyPair, LinkProfile, MemoryNetwork, PeerId, open_host
 from dbloom.p2p.kad import KadConfig, KademliaDHT, provider_key, seed_routing_tables
 
 ONE_WAY = 0.020
@@ -37,6 +37,15 @@ async def warm_up(dht: KademliaDHT) -> None:
         key = dht.random_key_in_bucket(index)
         if key is not None:
             await dht.find_closest_peers(key)
+
+
+async def timed_provider_lookup(
+    asker: KademliaDHT, owner: int, expected: PeerId
+) -> tuple[float, bool]:
+    """Virtual seconds to find the provider of owner's model, and whether it was found."""
+    start = trio.current_time()
+    result = await asker.find_providers_list(provider_key(f"dbloom:model:{owner}"), count=1)
+    return trio.current_time() - start, bool(result) and result[0].peer_id == expected
 
 
 def pct(values: list[float], q: float) -> float:
@@ -86,12 +95,9 @@ async def scenario(size: int, churn: float, lookups: int, seed: int) -> dict[str
             for i in range(lookups):
                 owner = rng.choice(owners)
                 asker = dhts[rng.choice(alive)]
-                start = trio.current_time()
-                result = await asker.find_providers_list(
-                    provider_key(f"dbloom:model:{owner}"), count=1
-                )
-                provider_latency.append(trio.current_time() - start)
-                found += bool(result) and result[0].peer_id == hosts[owner].peer_id
+                seconds, ok = await timed_provider_lookup(asker, owner, hosts[owner].peer_id)
+                provider_latency.append(seconds)
+                found += ok
                 if i % 2 == 0:
                     target = hosts[rng.choice(alive)].peer_id.multihash
                     start = trio.current_time()
@@ -108,12 +114,9 @@ async def scenario(size: int, churn: float, lookups: int, seed: int) -> dict[str
             for _ in range(lookups // 2):
                 owner = rng.choice(owners)
                 asker = dhts[rng.choice(warm)]
-                start = trio.current_time()
-                result = await asker.find_providers_list(
-                    provider_key(f"dbloom:model:{owner}"), count=1
-                )
-                warm_latency.append(trio.current_time() - start)
-                warm_found += bool(result) and result[0].peer_id == hosts[owner].peer_id
+                seconds, ok = await timed_provider_lookup(asker, owner, hosts[owner].peer_id)
+                warm_latency.append(seconds)
+                warm_found += ok
             nursery.cancel_scope.cancel()
     return {
         "warm_success": warm_found / (lookups // 2),

@@ -13,7 +13,10 @@ import platformdirs
 import trio
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from dbloom.attest import AttestationError
+from dbloom.inference import EngineError, ModelError
 from dbloom.p2p import DialError, KeyFileError, MultiaddrError, ProtocolError
 from dbloom.p2p.kad import RecordRejected
 
@@ -22,6 +25,9 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 T = TypeVar("T")
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    AttestationError,
+    EngineError,
+    ModelError,
     DialError,
     KeyFileError,
     MultiaddrError,
@@ -57,7 +63,7 @@ def home_dir(override: Path | None = None) -> Path:
 
 def fail(message: str) -> NoReturn:
     """Print one clear line and exit 1."""
-    err_console.print(f"[red]error:[/red] {message}")
+    err_console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(1)
 
 

@@ -1,122 +1,136 @@
-"""`dbloom demo`: a small network on loopback, shown step by step.
+"""`dbloom demo`: a whole network on loopback, answering a real OpenAI-client request.
 
-Three peers run the DHT; two of them serve a generated tiny model; a client finds
-them through the DHT and streams an answer over an encrypted channel. (The OpenAI
-shim arrives with the peer/shim issue; this shows the layers under it.)
+A bootstrap peer, three peers serving a generated model with `dev` attestation, and a
+shim; the official `openai` client streams one chat completion through the shim, which
+found the peers in the DHT, attested the chosen one and opened a Noise channel to it.
+`--keep` leaves everything running for your own client until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import tempfile
-from contextlib import AsyncExitStack, aclosing
+import time
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import trio
+import typer
 
-from dbloom.inference import (
-    PROTOCOL_ID,
-    Final,
-    GenerateRequest,
-    MLXEngine,
-    build_tiny_model,
-    infer,
-    serve_infer,
-)
-from dbloom.p2p import Host, KeyPair, NetStream, PeerId, identify, open_host, ping
-from dbloom.p2p.kad import KadConfig, KademliaDHT, provider_key
+from dbloom.inference import build_tiny_model
+from dbloom.p2p import KeyPair, open_host
+from dbloom.p2p.kad import KadConfig, KademliaDHT
 
 from ._common import console, run
+from ._node import PeerNode, PeerSettings
+from ._shim import ShimNode, ShimSettings
+from .p2p import wait_for_interrupt
 
 MODEL = "tiny"
+PEERS = 3
 PROMPT = "Explain how decentralized AI inference improves privacy."
 
 
-def demo() -> None:
-    """Peers on 127.0.0.1 find a model through the DHT and stream an answer, encrypted."""
+def demo(
+    keep: bool = typer.Option(False, "--keep", help="Leave the network and shim up."),
+    port: int = typer.Option(0, "--port", help="Shim port (0: any free port)."),
+) -> None:
+    """A local network (bootstrap, 3 serving peers, a shim) answers an OpenAI-client request."""
 
     async def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            console.rule("[bold]dbloom demo: a small network on loopback")
+            console.rule("[bold]dbloom demo: a small network on 127.0.0.1")
             model_dir = build_tiny_model(Path(tmp) / MODEL, size="tiny")
             console.print(f"generated model {MODEL!r} (random weights: its text is meaningless)")
-            await _network(model_dir)
+            await _network(model_dir, keep=keep, port=port)
 
     run(main)
 
 
-async def _network(model_dir: Path) -> None:
+async def _network(model_dir: Path, *, keep: bool, port: int) -> None:
     async with AsyncExitStack() as stack:
-        hosts: list[Host] = [
-            await stack.enter_async_context(
-                open_host(KeyPair.generate(), listen=["/ip4/127.0.0.1/tcp/0"])
-            )
-            for _ in range(3)
-        ]
-        for name, host in zip(("bootstrap", "node-1", "node-2"), hosts, strict=True):
-            console.print(f"[bold]{name:9}[/bold] {host.listen_addrs[0]}")
         nursery = await stack.enter_async_context(trio.open_nursery())
-        dhts = []
-        for i, host in enumerate(hosts):
-            boot = (hosts[0].listen_addrs[0],) if i else ()
-            dht = KademliaDHT(host, KadConfig(bootstrap=boot))
-            await nursery.start(dht.run)
-            dhts.append(dht)
-        for host in hosts[1:]:
-            engine = await stack.enter_async_context(MLXEngine(model_dir, model_id=MODEL))
-
-            async def handler(stream: NetStream, engine: MLXEngine = engine) -> None:
-                await serve_infer(stream, engine)
-
-            host.set_stream_handler(PROTOCOL_ID, handler)
-        for dht in dhts[1:]:
-            stored = await dht.provide(provider_key(f"dbloom:model:{MODEL}"))
-            console.print(f"{dht.host.peer_id.short()} announces {MODEL!r} (stored at {stored})")
-
-        client = await stack.enter_async_context(open_host(KeyPair.generate()))
-        client_dht = KademliaDHT(
-            client, KadConfig(mode="client", bootstrap=(hosts[0].listen_addrs[0],))
+        boot_host = await stack.enter_async_context(
+            open_host(KeyPair.generate(), listen=["/ip4/127.0.0.1/tcp/0"])
         )
-        await nursery.start(client_dht.run)
-        start = trio.current_time()
-        providers = await client_dht.find_providers_list(provider_key(f"dbloom:model:{MODEL}"))
-        console.print(
-            f"client found {len(providers)} provider(s) in "
-            f"{(trio.current_time() - start) * 1000:.1f} ms through the DHT"
-        )
-        chosen = providers[0].peer_id
-        info = await identify(client, chosen)
-        rtt = (await ping(client, chosen, count=3))[-1]
-        console.print(
-            f"connected to {chosen.short()} ({info.agent_version}) over TCP + Noise XX + yamux, "
-            f"ping {rtt * 1e6:.0f} µs"
-        )
-        await _ask(client, chosen)
+        await nursery.start(KademliaDHT(boot_host, KadConfig()).run)
+        bootstrap = [str(boot_host.listen_addrs[0])]
+        console.print(f"[bold]bootstrap[/bold] {bootstrap[0]}")
+        peers = []
+        for i in range(PEERS):
+            settings = PeerSettings(
+                listen=["/ip4/127.0.0.1/tcp/0"],
+                bootstrap=bootstrap,
+                models=[str(model_dir)],
+                price_out=200_000 + 100_000 * i,
+                harden=False,
+            )
+            node = PeerNode(KeyPair.generate(), settings)
+            await nursery.start(node.run)
+            offer = node.offers[0]
+            console.print(
+                f"[bold]peer {i + 1}[/bold]    {node.identity.peer_id.short()} serves {offer.id!r} "
+                f"({offer.decode_tps:.0f} tok/s measured), dev attestation"
+            )
+            peers.append(node)
+        shim = ShimNode(ShimSettings(port=port, bootstrap=bootstrap, allow_dev=True))
+        await nursery.start(shim.run)
+        console.print(f"[bold]shim[/bold]      OpenAI-compatible API on {shim.base_url}")
+        result = await trio.to_thread.run_sync(_ask, shim.base_url)
+        names = {str(p.identity.peer_id): f"peer {i + 1}" for i, p in enumerate(peers)}
+        _report(result, names)
+        if keep:
+            console.print(f"\nexport OPENAI_BASE_URL={shim.base_url} OPENAI_API_KEY=unused")
+            console.print(f"model id: {MODEL!r}. Ctrl-C stops everything.")
+            await wait_for_interrupt()
+        for node in peers:
+            node.request_stop()
         nursery.cancel_scope.cancel()
 
 
-async def _ask(client: Host, node: PeerId) -> None:
-    request = GenerateRequest(model=MODEL, prompt=PROMPT, max_tokens=48, temperature=0.0)
-    console.print(f"[bold]prompt[/bold] {PROMPT}")
-    console.print("[bold]answer[/bold] ", end="")
-    start = trio.current_time()
-    first: float | None = None
-    stream = await client.new_stream(node, [PROTOCOL_ID])
-    async with aclosing(infer(stream, request)) as items:
-        async for item in items:
-            if isinstance(item, Final):
-                final = item
-                break
-            first = first or trio.current_time()
-            console.print(item.text, end="", markup=False, highlight=False)
-    end = trio.current_time()
+def _ask(base_url: str) -> dict[str, Any]:
+    """One streamed chat completion through the official `openai` client (in a thread)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+    console.print(f"[bold]prompt[/bold]    {PROMPT}")
+    console.print("[bold]answer[/bold]    ", end="")
+    start = time.perf_counter()
+    first = None
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=48,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = None
+    for chunk in raw.parse():
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                first = first or time.perf_counter()
+                console.print(choice.delta.content, end="", markup=False, highlight=False)
+    end = time.perf_counter()
     console.print()
-    ttft = (first or end) - start
-    rate = (final.completion_tokens - 1) / max(end - (first or end), 1e-9)
+    return {
+        "node": raw.headers.get("x-dbloom-node", "?"),
+        "ttft": (first or end) - start,
+        "tokens": usage.completion_tokens if usage else 0,
+        "decode": end - (first or end),
+    }
+
+
+def _report(result: dict[str, Any], names: dict[str, str]) -> None:
+    node = result["node"]
+    rate = (result["tokens"] - 1) / result["decode"] if result["decode"] > 0 else 0.0
     console.print(
-        f"{final.completion_tokens} tokens, finish {final.finish_reason.value}; "
-        f"time to first token {ttft * 1000:.0f} ms, {rate:.0f} tok/s"
+        f"served by {names.get(node, '?')} ({node}); {result['tokens']} tokens; "
+        f"time to first token {result['ttft'] * 1000:.0f} ms; {rate:.0f} tok/s"
     )
     console.print(
-        "[green]done[/green]: found through the DHT, served over an encrypted channel; "
-        "nobody in between saw the prompt or the answer"
+        "[green]done[/green]: found through the DHT, attested, served over an encrypted "
+        "channel; nobody in between saw the prompt or the answer"
     )

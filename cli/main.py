@@ -8,8 +8,9 @@ import typer
 
 from dbloom.inference import models_app
 
-from . import demo, dht, keys, p2p
-from ._common import state
+from . import attest, demo, dht, keys, p2p, peer, shim
+from ._common import fail, state
+from ._config import ConfigError, load_config
 
 app = typer.Typer(
     help="dbloom: private AI inference on idle Macs, over a peer-to-peer network.",
@@ -20,16 +21,24 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(p2p.app, name="p2p")
 app.add_typer(dht.app, name="dht")
 app.add_typer(models_app, name="models")
+app.add_typer(attest.app, name="attest")
 app.command("demo")(demo.demo)
+app.command("peer")(peer.peer)
+app.add_typer(shim.app, name="shim")
 
 
 @app.callback()
 def _options(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
     home: Path | None = typer.Option(None, "--home", envvar="DBLOOM_HOME", help="Home folder."),
 ) -> None:
     state.debug = debug
     state.home = home
+    try:
+        ctx.default_map = load_config(typer.main.get_group(app).commands)
+    except ConfigError as e:
+        fail(str(e))
 
 
 def main() -> None:

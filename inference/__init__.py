@@ -35,6 +35,7 @@ from ._models import inspect_model as inspect_model
 from ._models import load_model as load_model
 from ._models import model_digest as model_digest
 from ._models import resolve_model as resolve_model
+from ._pool import EnginePool as EnginePool
 from ._protocol import CLIENT_CLOSED as CLIENT_CLOSED
 from ._protocol import DEFAULT_MAX_CHUNK as DEFAULT_MAX_CHUNK
 from ._protocol import DEFAULT_MAX_REQUEST as DEFAULT_MAX_REQUEST
@@ -47,8 +48,15 @@ from ._protocol import InferServer as InferServer
 from ._protocol import LocalProtocolError as LocalProtocolError
 from ._protocol import decode_payload as decode_payload
 from ._protocol import encode_message as encode_message
+from ._record import DIRECTORY_KEY as DIRECTORY_KEY
+from ._record import ModelOffer as ModelOffer
+from ._record import NodeRecord as NodeRecord
+from ._record import decode_node_record as decode_node_record
+from ._record import model_provider_key as model_provider_key
 from ._request import ChatMessage as ChatMessage
 from ._request import GenerateRequest as GenerateRequest
+from ._selfbench import Speed as Speed
+from ._selfbench import measure_speed as measure_speed
 from ._service import infer as infer
 from ._service import serve_infer as serve_infer
 from ._tiny import build_tiny_model as build_tiny_model

@@ -58,6 +58,9 @@ class Generation(AsyncIterator[Chunk | Final], abc.ABC):
     slot within one decode step.
     """
 
+    node: str | None = None
+    """Who is generating: a remote node's peer id, or None for a local engine."""
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self

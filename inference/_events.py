@@ -23,11 +23,17 @@ class FinishReason(StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TokenLogprob:
-    """The log-probability of a sampled token and, on request, its strongest rivals."""
+    """The log-probability of a sampled token and, on request, its strongest rivals.
+
+    `text` and `top_text` are the tokens decoded alone, because an OpenAI client shows
+    token strings and only the node has the tokenizer.
+    """
 
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    text: str = ""
+    top_text: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -105,6 +105,7 @@ class _Active:
     job: _Job
     detokenizer: Any
     stops: StopBuffer
+    decode: Any
     completion_tokens: int = 0
     events: Outbox = field(default_factory=list)
 
@@ -147,9 +148,10 @@ class _Active:
         import mlx.core as mx
 
         chosen = float(row[token].item())
+        text = self.decode([token])
         k = self.job.request.top_logprobs
         if not k:
-            return TokenLogprob(token=token, logprob=chosen)
+            return TokenLogprob(token=token, logprob=chosen, text=text)
         k = min(k, row.shape[-1])
         ids = mx.argpartition(-row, kth=k - 1)[:k]
         values = row[ids]
@@ -157,7 +159,11 @@ class _Active:
         top_ids = cast(list[int], ids[order].tolist())
         top_values = cast(list[float], values[order].tolist())
         return TokenLogprob(
-            token=token, logprob=chosen, top=tuple(zip(top_ids, top_values, strict=True))
+            token=token,
+            logprob=chosen,
+            top=tuple(zip(top_ids, top_values, strict=True)),
+            text=text,
+            top_text=tuple(self.decode([i]) for i in top_ids),
         )
 
 
@@ -532,6 +538,7 @@ class MLXEngine(Engine):
                         active[uid] = _Active(
                             job=job,
                             detokenizer=tokenizer.detokenizer,
+                            decode=tokenizer.decode,
                             stops=StopBuffer(job.request.stop),
                         )
                     if active:

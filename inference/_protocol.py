@@ -40,6 +40,7 @@ MAX_CHUNK_TOKENS = 4096
 MAX_ERROR_MESSAGE = 4096
 MAX_RECEIPT = 16 << 10
 MAX_COUNT = (1 << 32) - 1
+MAX_TOKEN_TEXT = 256
 
 _FINISH_REASONS = frozenset(f.value for f in FinishReason)
 _ERROR_CODES = frozenset(c.value for c in ErrorCode)
@@ -61,6 +62,7 @@ _REQUEST_FIELDS = {
     "logprobs",
     "top_logprobs",
     "id",
+    "account",
 }
 
 
@@ -140,6 +142,8 @@ def _request_map(r: GenerateRequest) -> dict[str, Any]:
         out["seed"] = r.seed
     if r.request_id is not None:
         out["id"] = r.request_id
+    if r.account is not None:
+        out["account"] = r.account
     return out
 
 
@@ -155,7 +159,8 @@ def _message_map(message: Message) -> dict[str, Any]:
         }
         if message.logprobs is not None:
             out["logprobs"] = [
-                [lp.token, lp.logprob, [list(pair) for pair in lp.top]] for lp in message.logprobs
+                [lp.token, lp.logprob, [list(pair) for pair in lp.top], lp.text, list(lp.top_text)]
+                for lp in message.logprobs
             ]
         return out
     if isinstance(message, Final):
@@ -262,11 +267,19 @@ def _decode_logprobs(raw: Any, n_tokens: int) -> tuple[TokenLogprob, ...]:
         raise DecodeError("logprobs must have one entry per token")
     out = []
     for entry in raw:
-        if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[2], list):
-            raise DecodeError("a logprob entry is [token, logprob, top]")
-        token, logprob, top_raw = entry
+        if not isinstance(entry, list) or len(entry) != 5 or not isinstance(entry[2], list):
+            raise DecodeError("a logprob entry is [token, logprob, top, text, top_text]")
+        token, logprob, top_raw, text, top_text = entry
         if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID or len(top_raw) > 64:
             raise DecodeError("bad logprob entry")
+        if (
+            not isinstance(text, str)
+            or len(text) > MAX_TOKEN_TEXT
+            or not isinstance(top_text, list)
+            or len(top_text) not in (0, len(top_raw))
+            or not all(isinstance(t, str) and len(t) <= MAX_TOKEN_TEXT for t in top_text)
+        ):
+            raise DecodeError("bad token text in logprobs")
         top = []
         for pair in top_raw:
             if not isinstance(pair, list) or len(pair) != 2:
@@ -274,7 +287,15 @@ def _decode_logprobs(raw: Any, n_tokens: int) -> tuple[TokenLogprob, ...]:
             if type(pair[0]) is not int or not 0 <= pair[0] <= MAX_TOKEN_ID:
                 raise DecodeError("bad token id in top logprobs")
             top.append((pair[0], _number(pair[1], "logprob")))
-        out.append(TokenLogprob(token=token, logprob=_number(logprob, "logprob"), top=tuple(top)))
+        out.append(
+            TokenLogprob(
+                token=token,
+                logprob=_number(logprob, "logprob"),
+                top=tuple(top),
+                text=text,
+                top_text=tuple(top_text),
+            )
+        )
     return tuple(out)
 
 

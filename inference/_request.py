@@ -22,6 +22,7 @@ MAX_LOGIT_BIAS = 1024
 MAX_TOP_LOGPROBS = 20
 MAX_MESSAGES = 4096
 MAX_ID_LENGTH = 128
+ACCOUNT_KEY_SIZE = 32
 MAX_SEED = (1 << 63) - 1
 MAX_TOKEN_ID = (1 << 31) - 1
 
@@ -55,6 +56,10 @@ def _check_str(name: str, value: object, *, min_len: int = 0, max_len: int | Non
         raise InvalidRequest(f"{name} must be a string, got {type(value).__name__}")
     if len(value) < min_len or (max_len is not None and len(value) > max_len):
         raise InvalidRequest(f"{name} must be {min_len}..{max_len} characters long")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{name} is not valid Unicode (a lone surrogate)") from None
     return value
 
 
@@ -80,6 +85,7 @@ class GenerateRequest:
     may be given as a mapping and is stored as sorted `(token_id, bias)` pairs so the
     request stays immutable and hashable. `request_id` is set by the client when it
     wants to name the request (receipts quote it); the engine assigns one otherwise.
+    `account` is the client's 32-byte Ed25519 account key, named in the node's receipt.
     """
 
     model: str
@@ -99,6 +105,7 @@ class GenerateRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     request_id: str | None = None
+    account: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_str("model", self.model, min_len=1, max_len=256)
@@ -125,6 +132,10 @@ class GenerateRequest:
             raise InvalidRequest("top_logprobs needs logprobs=True")
         if self.request_id is not None:
             _check_str("request_id", self.request_id, min_len=1, max_len=MAX_ID_LENGTH)
+        if self.account is not None and (
+            not isinstance(self.account, bytes) or len(self.account) != ACCOUNT_KEY_SIZE
+        ):
+            raise InvalidRequest(f"account must be a {ACCOUNT_KEY_SIZE}-byte public key")
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

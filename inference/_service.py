@@ -13,7 +13,9 @@ gives up after `send_timeout`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
@@ -47,6 +49,9 @@ RECEIVE_SIZE = 1 << 16
 
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
+ReceiptSigner = Callable[[GenerateRequest, Final, Sequence[int], int], bytes | None]
+"""(request, final, token ids sent, start in ms) -> the node-signed receipt, or None."""
+
 
 async def serve_infer(
     stream: trio.abc.HalfCloseableStream,
@@ -55,11 +60,13 @@ async def serve_infer(
     max_request_size: int = DEFAULT_MAX_REQUEST,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    sign_receipt: ReceiptSigner | None = None,
 ) -> None:
     """Answer one request on `stream` with `engine`, then close the stream.
 
     Never raises for anything the client does: bad frames and refusals become Error
-    frames, a vanished client just ends the generation.
+    frames, a vanished client just ends the generation. With `sign_receipt`, a request
+    that names an account and an id gets the node's signed receipt in its `Final`.
     """
     core = InferServer(max_request_size=max_request_size)
     try:
@@ -78,7 +85,9 @@ async def serve_infer(
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_client, stream, core, nursery.cancel_scope)
-            error = await _stream_generation(stream, core, engine, request, send_timeout)
+            error = await _stream_generation(
+                stream, core, engine, request, send_timeout, sign_receipt
+            )
             if error is not None:
                 await _send_error(stream, core, ErrorMessage.from_error(error))
             nursery.cancel_scope.cancel()
@@ -117,11 +126,21 @@ async def _stream_generation(
     engine: Engine,
     request: GenerateRequest,
     send_timeout: float,
+    sign_receipt: ReceiptSigner | None,
 ) -> EngineError | None:
     """Send every item; return the error to report, if any."""
+    wants_receipt = sign_receipt is not None and request.account and request.request_id
+    started_ms = int(time.time() * 1000)
+    token_ids: list[int] = []
     try:
         async with engine.generate(request) as generation:
             async for item in generation:
+                if wants_receipt:
+                    if isinstance(item, Chunk):
+                        token_ids.extend(item.token_ids)
+                    elif sign_receipt is not None:
+                        receipt = sign_receipt(request, item, token_ids, started_ms)
+                        item = dataclasses.replace(item, receipt=receipt)
                 with trio.fail_after(send_timeout):
                     await stream.send_all(core.send(item))
     except EngineError as exc:

@@ -131,6 +131,8 @@ async def test_logprobs_and_logit_bias(engine: MLXEngine) -> None:
             assert lp.token == token and lp.logprob <= 0
             assert len(lp.top) == 3 and lp.top[0] == (token, pytest.approx(lp.logprob))
             assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+            assert isinstance(lp.text, str) and len(lp.top_text) == 3
+            assert lp.top_text[0] == lp.text
     chunks, _ = await collect(engine.generate(greedy(PROMPTS[2], 6, logit_bias={42: 100})))
     assert tokens_of(chunks) == [42] * 6
     penalised = greedy(

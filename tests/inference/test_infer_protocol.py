@@ -55,8 +55,10 @@ CHUNK = Chunk(
     text="héllo",
     token_ids=(5, 6),
     logprobs=(
-        TokenLogprob(token=5, logprob=-0.25, top=((5, -0.25), (7, -1.5))),
-        TokenLogprob(token=6, logprob=-2.0, top=((1, -0.5), (6, -2.0))),
+        TokenLogprob(
+            token=5, logprob=-0.25, top=((5, -0.25), (7, -1.5)), text="a", top_text=("a", "é")
+        ),
+        TokenLogprob(token=6, logprob=-2.0, top=((1, -0.5), (6, -2.0)), text="b"),
     ),
 )
 FINAL = Final(
@@ -109,9 +111,16 @@ def payload_of(message: Any) -> dict[str, Any]:
         (CHUNK, {"text": b"bytes"}, "text"),
         (CHUNK, {"tokens": [1, True]}, "token"),
         (CHUNK, {"tokens": [-1]}, "token"),
-        (CHUNK, {"logprobs": [[5, -1.0, []]]}, "one entry per token"),
-        (CHUNK, {"logprobs": [[5, "x", []], [6, 0.0, []]]}, "number"),
-        (CHUNK, {"logprobs": [[5, float("nan"), []], [6, 0.0, []]]}, "number"),
+        (CHUNK, {"logprobs": [[5, -1.0, [], "a", []]]}, "one entry per token"),
+        (CHUNK, {"logprobs": [[5, "x", [], "", []], [6, 0.0, [], "", []]]}, "number"),
+        (CHUNK, {"logprobs": [[5, float("nan"), [], "", []], [6, 0.0, [], "", []]]}, "number"),
+        (CHUNK, {"logprobs": [[5, -1.0, []], [6, 0.0, []]]}, "top_text"),
+        (CHUNK, {"logprobs": [[5, -1.0, [], 7, []], [6, 0.0, [], "", []]]}, "token text"),
+        (
+            CHUNK,
+            {"logprobs": [[5, -1.0, [[1, 0.0]], "", ["a", "b"]], [6, 0.0, [], "", []]]},
+            "token text",
+        ),
         (FINAL, {"finish": "done"}, "finish"),
         (FINAL, {"prompt_tokens": -1}, "prompt_tokens"),
         (FINAL, {"completion_tokens": 1.0}, "completion_tokens"),

@@ -1,0 +1,50 @@
+"""`config.toml`: defaults for every command's options, below flags and DBLOOM_* variables.
+
+The file (default `~/.config/dbloom/config.toml`, or `DBLOOM_CONFIG`) has one table per
+command, keyed by option name with underscores: `[peer] model = ["..."]`, `price_in = "0.2"`.
+Click's `default_map` gives the precedence flags > environment > file > built-in default.
+Unknown tables or keys are errors, so a typo never silently changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def config_path() -> Path:
+    env = os.environ.get("DBLOOM_CONFIG")
+    return Path(env).expanduser() if env else Path.home() / ".config" / "dbloom" / "config.toml"
+
+
+class ConfigError(ValueError):
+    """The config file cannot be read or names an option that does not exist."""
+
+
+def load_config(commands: Mapping[str, Any], path: Path | None = None) -> dict[str, Any]:
+    """The `default_map` for a group with `commands`, validated against their options."""
+    path = path or config_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    for section, values in data.items():
+        command = commands.get(section)
+        if command is None or not isinstance(values, dict):
+            raise ConfigError(f"{path}: [{section}] is not a dbloom command with options")
+        names = {p.name for p in command.params}
+        if unknown := set(values) - names:
+            raise ConfigError(
+                f"{path}: [{section}] has no option {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(sorted(n for n in names if n))})"
+            )
+    return data

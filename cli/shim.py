@@ -1,0 +1,122 @@
+"""`dbloom shim`: an OpenAI-compatible API on this machine, served by attested nodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import typer
+from cryptography import x509
+
+from dbloom.api import ApiKeys, InsecureBind, is_loopback, keys_app
+from dbloom.attest import HARDWARE_KINDS, production_roots
+from dbloom.ledger._money import parse_price
+from dbloom.p2p import Multiaddr, MultiaddrError
+
+from ._common import console, fail, home_dir, run
+from ._shim import ShimNode, ShimSettings
+from .p2p import wait_for_interrupt
+
+app = typer.Typer(
+    help="The OpenAI-compatible API that routes to attested nodes.",
+    invoke_without_command=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _load_roots(paths: list[Path]) -> tuple[x509.Certificate, ...]:
+    roots: list[x509.Certificate] = []
+    for path in paths:
+        data = path.read_bytes()
+        try:
+            if b"-----BEGIN" in data:
+                roots.extend(x509.load_pem_x509_certificates(data))
+            else:
+                roots.append(x509.load_der_x509_certificate(data))
+        except ValueError as e:
+            fail(f"{path} is not a certificate: {e}")
+    return tuple(roots)
+
+
+@app.callback()
+def shim(
+    ctx: typer.Context,
+    host: str = typer.Option(
+        "127.0.0.1", "--host", envvar="DBLOOM_SHIM_HOST", help="Address to listen on."
+    ),
+    port: int = typer.Option(
+        8000, "--port", min=0, max=65535, envvar="DBLOOM_SHIM_PORT", help="Port to listen on."
+    ),
+    bootstrap: list[str] = typer.Option(
+        [],
+        "--bootstrap",
+        "-b",
+        envvar="DBLOOM_BOOTSTRAP",
+        help="Peer to join through (repeatable).",
+    ),
+    allow_dev: bool = typer.Option(
+        False, "--allow-dev", help="Accept dev attestation (identity-signed only: untrusted)."
+    ),
+    attest_kinds: str = typer.Option(
+        ",".join(sorted(HARDWARE_KINDS)), "--attest-kinds", help="Evidence kinds to accept."
+    ),
+    max_price: str | None = typer.Option(
+        None, "--max-price", help="Highest output price per 1M tokens to route to."
+    ),
+    log_key: list[str] = typer.Option(
+        [], "--log-key", help="Trusted transparency-log key (hex); requires logged software."
+    ),
+    require: list[str] = typer.Option(
+        [], "--require", help="Posture the node must show: sip, secure_boot, ... (repeatable)."
+    ),
+    tpm_root: list[Path] = typer.Option(
+        [], "--tpm-root", help="Root certificate trusted for tpm2 attestation keys (repeatable)."
+    ),
+    app_id: list[str] = typer.Option(
+        [], "--app-id", help="App Attest app id (TEAMID.bundle) of the node helper."
+    ),
+    home: Path | None = typer.Option(None, "--home", help="Home folder (API keys)."),
+) -> None:
+    """Serve the OpenAI API on HOST:PORT until Ctrl-C (`dbloom shim keys` manages API keys)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        max_out = parse_price(max_price) if max_price is not None else None
+        for addr in bootstrap:
+            Multiaddr.parse(addr)
+        keys_hex = [bytes.fromhex(k) for k in log_key]
+    except (ValueError, MultiaddrError) as e:
+        fail(str(e))
+    if any(len(k) != 32 for k in keys_hex):
+        fail("--log-key must be a 32-byte Ed25519 public key in hex")
+    kinds = frozenset(k.strip() for k in attest_kinds.split(",") if k.strip())
+    keys = None if is_loopback(host) else ApiKeys.in_home(home_dir(home))
+    settings = ShimSettings(
+        host=host,
+        port=port,
+        bootstrap=bootstrap,
+        allow_dev=allow_dev,
+        attest_kinds=kinds,
+        max_price_out=max_out,
+        log_keys=keys_hex,
+        required_posture=frozenset(require),
+        roots={**production_roots(), "tpm2": _load_roots(tpm_root)},
+        app_ids=frozenset(app_id),
+        keys=keys,
+    )
+
+    async def main() -> None:
+        node = ShimNode(settings)
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(node.run)
+            except InsecureBind as e:
+                fail(str(e))
+            console.print(f"OpenAI-compatible API on {node.base_url}")
+            if allow_dev:
+                console.print("[yellow]accepting dev attestation: nodes are not verified[/yellow]")
+            await wait_for_interrupt()
+            console.print("stopping")
+            nursery.cancel_scope.cancel()
+
+    run(main)

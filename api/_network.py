@@ -12,7 +12,9 @@ stream with an error event.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import trio
 
@@ -38,7 +40,14 @@ from dbloom.inference import (
     infer,
     model_provider_key,
 )
-from dbloom.p2p import DialError, Multiaddr, MultiaddrError, PeerId, ProtocolError
+from dbloom.ledger._receipt import (
+    ReceiptError,
+    Terms,
+    countersign,
+    decode_node_receipt,
+    disagreements,
+)
+from dbloom.p2p import DialError, KeyPair, Multiaddr, MultiaddrError, PeerId, ProtocolError
 from dbloom.p2p.kad import KademliaDHT, node_record_key, open_node_record, provider_key
 
 from ._errors import NoNodeAvailable
@@ -51,6 +60,7 @@ MODELS_TTL = 10.0
 FIRST_ITEM_TIMEOUT = 60.0
 MAX_ATTEMPTS = 3
 PROVIDERS_WANTED = 20
+RECEIPT_ID_SIZE = 16
 _Found = tuple[PeerId, NodeRecord, tuple[Multiaddr, ...]]
 _NODE_FAILURES = (
     AttestationError,
@@ -74,6 +84,8 @@ class NetworkEngine(Engine):
         *,
         first_item_timeout: float = FIRST_ITEM_TIMEOUT,
         max_attempts: int = MAX_ATTEMPTS,
+        account: KeyPair | None = None,
+        on_receipt: Callable[[bytes], None] | None = None,
     ) -> None:
         self.dht = dht
         self.host = dht.host
@@ -82,6 +94,9 @@ class NetworkEngine(Engine):
         self.first_item_timeout = first_item_timeout
         self.max_attempts = max_attempts
         self.in_flight = 0
+        self.account = account
+        self.on_receipt = on_receipt
+        self.receipts = {"ok": 0, "disputed": 0, "refused": 0, "missing": 0}
         self._records: dict[PeerId, tuple[float, NodeRecord | None]] = {}
         self._models: tuple[float, tuple[ModelInfo, ...]] | None = None
 
@@ -170,7 +185,14 @@ class _RemoteGeneration(Generation):
 
     def __init__(self, engine: NetworkEngine, request: GenerateRequest) -> None:
         self._engine = engine
+        self._receipt_id = secrets.token_bytes(RECEIPT_ID_SIZE)
+        if engine.account is not None:
+            request = replace(
+                request, request_id=self._receipt_id.hex(), account=engine.account.public_key.data
+            )
         self._request = request
+        self._terms: Terms | None = None
+        self._token_ids: list[int] = []
         self._stream: AsyncIterator[Chunk | Final] | None = None
         self._first: Chunk | Final | None = None
         self._started = False
@@ -246,6 +268,13 @@ class _RemoteGeneration(Generation):
             raise
         self._stream = results
         self.node = str(candidate.peer)
+        self._terms = Terms(
+            id=self._receipt_id,
+            node=candidate.peer,
+            model=self._request.model,
+            price_in=candidate.offer.price_in,
+            price_out=candidate.offer.price_out,
+        )
         engine.router.succeeded(candidate.peer, trio.current_time() - began)
 
     async def __anext__(self) -> Chunk | Final:
@@ -260,9 +289,39 @@ class _RemoteGeneration(Generation):
             except BaseException:
                 await self._release()
                 raise
-        if isinstance(item, Final):
+        if isinstance(item, Chunk):
+            self._token_ids.extend(item.token_ids)
+        else:
+            self._settle(item)
             await self._release()
         return item
+
+    def _settle(self, final: Final) -> None:
+        """Countersign the node's receipt against what we received, and hand it on."""
+        engine = self._engine
+        if engine.account is None or self._terms is None:
+            return
+        if final.receipt is None:
+            engine.receipts["missing"] += 1
+            log.warning("%s sent no receipt for %s", self.node, self._receipt_id.hex())
+            return
+        try:
+            node_receipt = decode_node_receipt(final.receipt)
+            receipt = countersign(
+                node_receipt, engine.account, received_tokens=self._token_ids, terms=self._terms
+            )
+        except ReceiptError as e:
+            engine.receipts["refused"] += 1
+            log.warning(
+                "refused the receipt of %s from %s: %s", self._receipt_id.hex(), self.node, e
+            )
+            return
+        disputed = bool(
+            disagreements(node_receipt, received_tokens=self._token_ids, terms=self._terms)
+        )
+        engine.receipts["disputed" if disputed else "ok"] += 1
+        if engine.on_receipt is not None:
+            engine.on_receipt(receipt)
 
     async def _release(self) -> None:
         if self._counted:

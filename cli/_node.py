@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +34,8 @@ from dbloom.attest import (
 from dbloom.inference import (
     DIRECTORY_KEY,
     EnginePool,
+    Final,
+    GenerateRequest,
     MLXEngine,
     ModelOffer,
     NodeRecord,
@@ -45,12 +48,16 @@ from dbloom.inference import (
 from dbloom.inference import (
     PROTOCOL_ID as INFER_PROTOCOL,
 )
+from dbloom.ledger import Ledger, ReceiptBody, compute_amount, sign_as_node, tokens_digest
+from dbloom.ledger._service import ReceiptService
 from dbloom.p2p import Host, KeyPair, Multiaddr, NetStream, open_host
+from dbloom.p2p.gossip import Gossip
 from dbloom.p2p.kad import KadConfig, KademliaDHT, provider_key
 
 log = logging.getLogger(__name__)
 
 MAX_ADDRS = 16
+RECEIPT_ID_SIZE = 16
 RECORD_CHECK = 2.0
 RECORD_MIN_GAP = 5.0
 ANNOUNCE_TIMEOUT = 30.0
@@ -74,6 +81,7 @@ class PeerSettings:
     record_interval: float = 600.0
     log_proof: Path | None = None
     kad: KadConfig | None = None
+    ledger: Path | None = None
 
 
 def _local_ips(family: socket.AddressFamily) -> list[str]:
@@ -131,6 +139,8 @@ class PeerNode:
         self.posture = Posture()
         self.measurement = b""
         self.status = "starting"
+        self.ledger: Ledger | None = None
+        self.receipts: ReceiptService | None = None
         self._stop = trio.Event()
         self._published_at = -1e9
 
@@ -149,6 +159,8 @@ class PeerNode:
         self.posture = harden_process() if s.harden else read_posture()
         self.measurement = measure_software().digest
         async with AsyncExitStack() as stack:
+            if s.ledger is not None:
+                self.ledger = stack.enter_context(Ledger.open(s.ledger))
             self.status = "loading models"
             engines = {}
             for ref in s.models:
@@ -178,8 +190,10 @@ class PeerNode:
             async def attest_handler(stream: NetStream) -> None:
                 await serve_attest(stream, attester)
 
+            signer = self._sign_receipt
+
             async def infer_handler(stream: NetStream) -> None:
-                await serve_infer(stream, pool)
+                await serve_infer(stream, pool, sign_receipt=signer)
 
             host.set_stream_handler(ATTEST_PROTOCOL, attest_handler)
             host.set_stream_handler(INFER_PROTOCOL, infer_handler)
@@ -190,6 +204,11 @@ class PeerNode:
             )
             dht = self.dht = KademliaDHT(host, kad)
             await nursery.start(dht.run)
+            gossip = Gossip(host)
+            await nursery.start(gossip.run)
+            if self.ledger is not None:
+                self.receipts = ReceiptService(gossip, self.ledger)
+                await nursery.start(self.receipts.run)
             self.status = "announcing"
             self.offers = tuple(
                 ModelOffer(
@@ -212,6 +231,47 @@ class PeerNode:
             await self._stop.wait()
             await self._shutdown()
             nursery.cancel_scope.cancel()
+
+    def _sign_receipt(
+        self, request: GenerateRequest, final: Final, token_ids: Sequence[int], started_ms: int
+    ) -> bytes | None:
+        """The node's half of the receipt for a finished request that names an account."""
+        offer = next((o for o in self.offers if o.id == request.model), None)
+        if offer is None or request.account is None or request.request_id is None:
+            return None
+        try:
+            receipt_id = bytes.fromhex(request.request_id)
+        except ValueError:
+            return None
+        if len(receipt_id) != RECEIPT_ID_SIZE:
+            return None
+        body = ReceiptBody(
+            id=receipt_id,
+            node=self.identity.peer_id.multihash,
+            client=request.account,
+            model=request.model,
+            prompt_tokens=final.prompt_tokens,
+            completion_tokens=final.completion_tokens,
+            price_in=offer.price_in,
+            price_out=offer.price_out,
+            amount=compute_amount(
+                final.prompt_tokens, final.completion_tokens, offer.price_in, offer.price_out
+            ),
+            started_ms=started_ms,
+            finished_ms=max(started_ms, int(time.time() * 1000)),
+            tokens_digest=tokens_digest(token_ids),
+        )
+        return sign_as_node(body, self.identity)
+
+    def earnings(self) -> tuple[int, int]:
+        """(receipts, operator share in micro-units) for this node in the current epoch."""
+        if self.ledger is None:
+            return 0, 0
+        epoch = self.ledger.epoch_of(int(time.time() * 1000))
+        for payout in self.ledger.payouts(epoch).operators:
+            if payout.node == self.identity.peer_id:
+                return payout.receipts, payout.operator
+        return 0, 0
 
     def current_record(self, *, draining: bool = False) -> NodeRecord:
         assert self.host is not None and self.pool is not None

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 
 import trio
 from cryptography import x509
@@ -18,7 +19,10 @@ from dbloom.api import ApiKeys, check_bind, create_app, serve_api
 from dbloom.api._network import NetworkEngine
 from dbloom.api._routing import Router, RoutingPolicy
 from dbloom.attest import Attestor, Policy
+from dbloom.ledger import Ledger
+from dbloom.ledger._service import ReceiptService
 from dbloom.p2p import Host, KeyPair, Multiaddr, open_host
+from dbloom.p2p.gossip import Gossip
 from dbloom.p2p.kad import KadConfig, KademliaDHT
 
 
@@ -39,6 +43,8 @@ class ShimSettings:
     app_ids: frozenset[str] = frozenset()
     keys: ApiKeys | None = None
     kad: KadConfig | None = None
+    ledger: Path | None = None
+    account: KeyPair | None = None
 
     def policy(self) -> Policy:
         kinds = self.attest_kinds if self.attest_kinds is not None else Policy().allowed_kinds
@@ -61,6 +67,8 @@ class ShimNode:
         self.port = 0
         self.host: Host | None = None
         self.engine: NetworkEngine | None = None
+        self.ledger: Ledger | None = None
+        self.receipts: ReceiptService | None = None
 
     @property
     def base_url(self) -> str:
@@ -75,6 +83,8 @@ class ShimNode:
         check_bind(s.host, s.keys)
         policy = s.policy()
         async with AsyncExitStack() as stack:
+            if s.ledger is not None:
+                self.ledger = stack.enter_context(Ledger.open(s.ledger))
             host = self.host = await stack.enter_async_context(open_host(self.identity))
             nursery = await stack.enter_async_context(trio.open_nursery())
             kad = replace(
@@ -84,6 +94,13 @@ class ShimNode:
             )
             dht = KademliaDHT(host, kad)
             await nursery.start(dht.run)
+            gossip = Gossip(host)
+            await nursery.start(gossip.run)
+            on_receipt = None
+            if self.ledger is not None:
+                self.receipts = ReceiptService(gossip, self.ledger)
+                await nursery.start(self.receipts.run)
+                on_receipt = self.receipts.submit
             router = Router(
                 RoutingPolicy(
                     allowed_kinds=policy.allowed_kinds,
@@ -92,7 +109,13 @@ class ShimNode:
                 ),
                 rng=random.Random(),
             )
-            self.engine = NetworkEngine(dht, Attestor(host, policy), router)
+            self.engine = NetworkEngine(
+                dht,
+                Attestor(host, policy),
+                router,
+                account=s.account or KeyPair.generate(),
+                on_receipt=on_receipt,
+            )
             app = create_app(self.engine, keys=s.keys)
             self.port = await nursery.start(partial(serve_api, app, host=s.host, port=s.port))
             task_status.started(self)

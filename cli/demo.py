@@ -18,6 +18,7 @@ import trio
 import typer
 
 from dbloom.inference import build_tiny_model
+from dbloom.ledger._money import format_price
 from dbloom.p2p import KeyPair, open_host
 from dbloom.p2p.kad import KadConfig, KademliaDHT
 
@@ -42,12 +43,12 @@ def demo(
             console.rule("[bold]dbloom demo: a small network on 127.0.0.1")
             model_dir = build_tiny_model(Path(tmp) / MODEL, size="tiny")
             console.print(f"generated model {MODEL!r} (random weights: its text is meaningless)")
-            await _network(model_dir, keep=keep, port=port)
+            await _network(model_dir, Path(tmp), keep=keep, port=port)
 
     run(main)
 
 
-async def _network(model_dir: Path, *, keep: bool, port: int) -> None:
+async def _network(model_dir: Path, home: Path, *, keep: bool, port: int) -> None:
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         boot_host = await stack.enter_async_context(
@@ -62,8 +63,10 @@ async def _network(model_dir: Path, *, keep: bool, port: int) -> None:
                 listen=["/ip4/127.0.0.1/tcp/0"],
                 bootstrap=bootstrap,
                 models=[str(model_dir)],
+                price_in=50_000,
                 price_out=200_000 + 100_000 * i,
                 harden=False,
+                ledger=home / f"peer-{i + 1}" / "ledger.sqlite3",
             )
             node = PeerNode(KeyPair.generate(), settings)
             await nursery.start(node.run)
@@ -73,19 +76,40 @@ async def _network(model_dir: Path, *, keep: bool, port: int) -> None:
                 f"({offer.decode_tps:.0f} tok/s measured), dev attestation"
             )
             peers.append(node)
-        shim = ShimNode(ShimSettings(port=port, bootstrap=bootstrap, allow_dev=True))
+        shim_ledger = home / "shim" / "ledger.sqlite3"
+        shim = ShimNode(
+            ShimSettings(port=port, bootstrap=bootstrap, allow_dev=True, ledger=shim_ledger)
+        )
         await nursery.start(shim.run)
         console.print(f"[bold]shim[/bold]      OpenAI-compatible API on {shim.base_url}")
         result = await trio.to_thread.run_sync(_ask, shim.base_url)
         names = {str(p.identity.peer_id): f"peer {i + 1}" for i, p in enumerate(peers)}
         _report(result, names)
+        await _show_receipt(shim, peers)
         if keep:
+            console.print(f"dbloom ledger summary --ledger {shim_ledger}")
             console.print(f"\nexport OPENAI_BASE_URL={shim.base_url} OPENAI_API_KEY=unused")
             console.print(f"model id: {MODEL!r}. Ctrl-C stops everything.")
             await wait_for_interrupt()
         for node in peers:
             node.request_stop()
         nursery.cancel_scope.cancel()
+
+
+async def _show_receipt(shim: ShimNode, peers: list[PeerNode]) -> None:
+    """Wait for the countersigned receipt to reach the ledgers, then show the totals."""
+    assert shim.ledger is not None
+    for _ in range(200):
+        if all(p.ledger and p.ledger.summary().receipts for p in peers):
+            break
+        await trio.sleep(0.05)
+    summary = shim.ledger.summary()
+    stored = sum(1 for p in peers if p.ledger and p.ledger.summary().receipts)
+    console.print(
+        f"receipt: signed by the node, countersigned by the shim, gossiped to {stored} of "
+        f"{len(peers)} peers' ledgers; `dbloom ledger summary` shows {summary.paid} paid "
+        f"receipt(s), {format_price(summary.paid_amount)} in total (95% to the operator)"
+    )
 
 
 def _ask(base_url: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from dbloom.inference import models_app
+from dbloom.ledger._cli import ledger_app
 
 from . import attest, demo, dht, keys, p2p, peer, shim
 from ._common import fail, state
@@ -25,6 +26,7 @@ app.add_typer(attest.app, name="attest")
 app.command("demo")(demo.demo)
 app.command("peer")(peer.peer)
 app.add_typer(shim.app, name="shim")
+app.add_typer(ledger_app, name="ledger")
 
 
 @app.callback()

@@ -18,6 +18,7 @@ from ._common import console, fail, home_dir, run
 from ._node import PeerNode, PeerSettings, advertised_addrs
 from .p2p import wait_for_interrupt
 
+LEDGER_FILE = Path("ledger") / "ledger.sqlite3"
 ATTEST_KINDS = ("dev", "tpm2", "apple-app-attest", "apple-mda")
 
 
@@ -133,6 +134,7 @@ def peer(
             drain_timeout=drain_timeout,
             benchmark=benchmark,
             log_proof=log_proof,
+            ledger=home_dir(home) / LEDGER_FILE,
         )
         provider = evidence_provider(
             attest,
@@ -181,7 +183,8 @@ def _table(node: PeerNode) -> Table:
     table.add_row("in flight", str(pool.in_flight))
     table.add_row("served", f"{pool.requests_total} requests, {pool.tokens_total} tokens")
     table.add_row("tok/s", f"{pool.tokens_per_second():.1f}")
-    table.add_row("earnings", "receipts arrive with the ledger")
+    receipts, earned = node.earnings()
+    table.add_row("earnings", f"{format_price(earned)} this epoch ({receipts} receipts)")
     return table
 
 

@@ -11,11 +11,14 @@ from cryptography import x509
 from dbloom.api import ApiKeys, InsecureBind, is_loopback, keys_app
 from dbloom.attest import HARDWARE_KINDS, production_roots
 from dbloom.ledger._money import parse_price
-from dbloom.p2p import Multiaddr, MultiaddrError
+from dbloom.p2p import Multiaddr, MultiaddrError, load_or_create_identity
 
 from ._common import console, fail, home_dir, run
 from ._shim import ShimNode, ShimSettings
 from .p2p import wait_for_interrupt
+from .peer import LEDGER_FILE
+
+ACCOUNT_KEY_FILE = "account.key"
 
 app = typer.Typer(
     help="The OpenAI-compatible API that routes to attested nodes.",
@@ -103,6 +106,8 @@ def shim(
         roots={**production_roots(), "tpm2": _load_roots(tpm_root)},
         app_ids=frozenset(app_id),
         keys=keys,
+        ledger=home_dir(home) / LEDGER_FILE,
+        account=load_or_create_identity(home_dir(home) / ACCOUNT_KEY_FILE),
     )
 
     async def main() -> None:

@@ -111,3 +111,5 @@ def test_demo_finds_a_model_and_streams_an_answer(tmp_path: Path) -> None:
     assert "OpenAI-compatible API on http://127.0.0.1:" in out
     assert "served by peer " in out and "; 48 tokens;" in out
     assert "time to first token" in out and "done:" in out
+    assert "countersigned by the shim, gossiped to 3 of 3 peers' ledgers" in out
+    assert "shows 1 paid receipt(s)" in out

@@ -72,7 +72,11 @@ async def network(
     max_batch: int = 8,
     max_queue: int = 16,
     shim: bool = True,
+    home: Path | None = None,
+    peer_class: type[PeerNode] = PeerNode,
+    drain_timeout: float = 2.0,
 ) -> AsyncIterator[Network]:
+    """`home` (a fresh folder) gives every peer and the shim a ledger under it."""
     async with (
         open_host(KeyPair.generate(), listen=["/ip4/127.0.0.1/tcp/0"]) as boot,
         trio.open_nursery() as nursery,
@@ -90,13 +94,21 @@ async def network(
                 benchmark=False,
                 harden=False,
                 price_out=100_000 * (i + 1),
-                drain_timeout=2.0,
+                drain_timeout=drain_timeout,
+                ledger=home / f"peer-{i}" / "ledger.sqlite3" if home else None,
             )
-            node = PeerNode(KeyPair.generate(), settings, model_ids={str(model_dir): MODEL})
+            node = peer_class(KeyPair.generate(), settings, model_ids={str(model_dir): MODEL})
             await nursery.start(_run_peer, node, net.scopes)
             net.peers.append(node)
         if shim:
-            net.shim = ShimNode(ShimSettings(port=0, bootstrap=addr, allow_dev=allow_dev))
+            net.shim = ShimNode(
+                ShimSettings(
+                    port=0,
+                    bootstrap=addr,
+                    allow_dev=allow_dev,
+                    ledger=home / "shim" / "ledger.sqlite3" if home else None,
+                )
+            )
             await nursery.start(net.shim.run)
         yield net
         nursery.cancel_scope.cancel()

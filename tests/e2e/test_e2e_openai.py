@@ -240,3 +240,28 @@ async def test_a_node_dying_mid_stream_ends_it_with_an_error_event(e2e_model: Pa
                     net.kill(next(i for i, p in enumerate(net.peers) if p.peer_id == node))
         assert seen >= 3
         await client.close()
+
+
+async def test_a_stopping_peer_finishes_running_work_and_takes_no_more(e2e_model: Path) -> None:
+    async with network(e2e_model, peers=2, drain_timeout=60) as net:
+        client = net.async_client(timeout=60)
+        raw = await client.completions.with_raw_response.create(
+            model=MODEL, prompt="a long answer", max_tokens=100, temperature=0, stream=True
+        )
+        node = raw.headers["x-dbloom-node"]
+        stopping = next(p for p in net.peers if p.peer_id == node)
+        finish = None
+        text = ""
+        async for chunk in raw.parse():
+            if stopping.status == "serving":
+                stopping.request_stop()
+            text += "".join(c.text for c in chunk.choices)
+            finish = chunk.choices[0].finish_reason if chunk.choices else finish
+        assert finish == "length" and stopping.pool is not None
+        assert stopping.pool.draining and stopping.pool.in_flight == 0
+        for _ in range(4):
+            r = await client.completions.with_raw_response.create(
+                model=MODEL, prompt="next", max_tokens=2
+            )
+            assert r.headers["x-dbloom-node"] != node
+        await client.close()

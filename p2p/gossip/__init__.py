@@ -1,0 +1,31 @@
+"""Gossipsub v1.1 (`/meshsub/1.1.0`, libp2p wire format): a sans-IO router and the trio service."""
+
+from ._caches import MessageCache as MessageCache
+from ._caches import SeenCache as SeenCache
+from ._config import GossipConfig as GossipConfig
+from ._router import GossipRouter as GossipRouter
+from ._router import RouterStats as RouterStats
+from ._router import ValidationResult as ValidationResult
+from ._router import Validator as Validator
+from ._rpc import RPC as RPC
+from ._rpc import Control as Control
+from ._rpc import Graft as Graft
+from ._rpc import IHave as IHave
+from ._rpc import IWant as IWant
+from ._rpc import Message as Message
+from ._rpc import Prune as Prune
+from ._rpc import PrunePeer as PrunePeer
+from ._rpc import RpcLimits as RpcLimits
+from ._rpc import SubOpts as SubOpts
+from ._score import PeerScore as PeerScore
+from ._score import ScoreParams as ScoreParams
+from ._score import ScoreThresholds as ScoreThresholds
+from ._service import GOSSIPSUB_V10 as GOSSIPSUB_V10
+from ._service import GOSSIPSUB_V11 as GOSSIPSUB_V11
+from ._service import Gossip as Gossip
+from ._service import GossipStats as GossipStats
+from ._service import Subscription as Subscription
+from ._signing import SIGN_PREFIX as SIGN_PREFIX
+from ._signing import MessageRejected as MessageRejected
+from ._signing import sign_message as sign_message
+from ._signing import verify_message as verify_message

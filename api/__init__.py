@@ -1,8 +1,10 @@
-"""The OpenAI-compatible HTTP shim (issue 6).
+"""The OpenAI-compatible HTTP shim (issue 6), with Anthropic's Messages API and model aliases.
 
 Everything public is re-exported here; the modules are private.
 """
 
+from ._aliases import AliasEngine as AliasEngine
+from ._aliases import parse_aliases as parse_aliases
 from ._app import create_app as create_app
 from ._errors import ApiError as ApiError
 from ._errors import InsecureBind as InsecureBind

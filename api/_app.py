@@ -1,8 +1,10 @@
-"""The shim's ASGI app: OpenAI's HTTP API in front of any `Engine`.
+"""The shim's ASGI app: OpenAI's HTTP API, and Anthropic's Messages API, in front of any
+`Engine`.
 
 A gateway wraps the Starlette app and handles what every request shares: a request id
-(`x-request-id`, also the engine request id), API keys, metrics, and the last-resort
-500, so nothing escapes to the server, whose logs could quote request data.
+(`x-request-id`, also the engine request id), API keys, metrics, the last-resort 500, so
+nothing escapes to the server, whose logs could quote request data, and Anthropic's error
+shape on the Messages routes.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
@@ -24,6 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dbloom.inference import Engine, ModelInfo
 
+from ._aliases import AliasEngine
+from ._anthropic import parse_messages
+from ._anthropic_errors import AnthropicErrors
 from ._call import Call
 from ._errors import ApiError, internal_error, invalid
 from ._keys import ApiKeys
@@ -41,6 +46,8 @@ STALL_TIMEOUT = 120.0
 """How long to wait for the engine's next item, a request body, or a client to read."""
 REQUEST_ID_KEY = "dbloom.request_id"
 OPEN_PATHS = frozenset({"/health"})
+ANTHROPIC_ROOT = "/v1/messages"
+"""Where Anthropic's routes live: errors on and below it take Anthropic's shape."""
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -67,13 +74,16 @@ def _check_unicode(raw: bytes, body: object) -> None:
         ) from None
 
 
-def _model_object(model: ModelInfo, created: int) -> dict[str, Any]:
+def _model_object(model: ModelInfo, created: int, alias_of: str | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {"context_length": model.context_length, "digest": model.digest}
+    if alias_of is not None:
+        extra["alias_of"] = alias_of
     return {
         "id": model.id,
         "object": "model",
         "created": created,
         "owned_by": "dbloom",
-        "dbloom": {"context_length": model.context_length, "digest": model.digest},
+        "dbloom": extra,
     }
 
 
@@ -88,8 +98,10 @@ class _Endpoints:
         max_body: int,
         default_max_tokens: int,
         stall: float,
+        aliases: Mapping[str, str],
     ) -> None:
         self.engine = engine
+        self.aliases = aliases
         self.metrics = metrics
         self.max_body = max_body
         self.default_max_tokens = default_max_tokens
@@ -116,7 +128,7 @@ class _Endpoints:
     async def list_models(self, request: Request) -> Response:
         """`GET /v1/models`."""
         models = await self._models(request)
-        data = [_model_object(m, self.created) for m in models]
+        data = [self._model_object(m) for m in models]
         return _json(200, {"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
@@ -124,10 +136,13 @@ class _Endpoints:
         wanted = request.path_params["model_id"]
         for model in await self._models(request):
             if model.id == wanted:
-                return _json(200, _model_object(model, self.created))
+                return _json(200, self._model_object(model))
         raise ApiError(
             404, f"the model {wanted!r} does not exist", param="model", code="model_not_found"
         )
+
+    def _model_object(self, model: ModelInfo) -> dict[str, Any]:
+        return _model_object(model, self.created, self.aliases.get(model.id))
 
     async def _body(self, request: Request) -> object:
         """The JSON body, at most `max_body` bytes, arriving within the stall timeout."""
@@ -188,6 +203,20 @@ class _Endpoints:
         )
         return self._relay(call)
 
+    async def messages(self, request: Request) -> Response:
+        """`POST /v1/messages`, Anthropic's Messages API."""
+        body = await self._body(request)
+        return self._relay(parse_messages(body, request_id=_request_id(request)))
+
+
+def _presented_key(headers: dict[bytes, bytes]) -> str:
+    """The key as OpenAI clients send it (`Authorization: Bearer`), else as Anthropic's do
+    (`x-api-key`); empty when there is neither."""
+    scheme, _, bearer = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if scheme.lower() == "bearer" and bearer.strip():
+        return bearer.strip()
+    return headers.get(b"x-api-key", b"").decode("latin-1").strip()
+
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
@@ -231,12 +260,11 @@ class _Gateway:
         """Why the request may not proceed without a valid key, or None if it may."""
         if self.keys is None or scope["path"] in OPEN_PATHS:
             return None
-        headers = dict(scope["headers"])
-        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            message = "missing API key: send `Authorization: Bearer <key>`"
+        key = _presented_key(dict(scope["headers"]))
+        if not key:
+            message = "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`"
             code = "missing_api_key"
-        elif not self.keys.verify(key.strip()):
+        elif not self.keys.verify(key):
             message, code = "incorrect API key", "invalid_api_key"
         else:
             return None
@@ -258,21 +286,25 @@ class _Gateway:
                 message = {**message, "headers": headers}
             await send(message)
 
+        path: str = scope["path"]
+        anthropic = path == ANTHROPIC_ROOT or path.startswith(ANTHROPIC_ROOT + "/")
+        reply: Send = AnthropicErrors(send_with_id) if anthropic else send_with_id
+
         route = self._route(scope)
         self.metrics.in_flight.inc()
         try:
             refusal = self._refusal(scope)
             if refusal is None:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, receive, reply)
             else:
                 for message in json_messages(refusal.status, refusal.body(), refusal.headers):
-                    await send_with_id(message)
+                    await reply(message)
         except Exception as exc:
             log_failure(request_id, exc)
             if status is None:
                 error = internal_error(request_id)
                 for message in json_messages(error.status, error.body()):
-                    await send_with_id(message)
+                    await reply(message)
         finally:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(route, str(status or 499)).inc()
@@ -288,20 +320,23 @@ def create_app(
     max_body: int = MAX_BODY,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     stall_timeout: float = STALL_TIMEOUT,
+    aliases: Mapping[str, str] | None = None,
 ) -> ASGIApp:
     """The OpenAI-compatible app over `engine`.
 
-    With `keys`, every route but `/health` needs `Authorization: Bearer <key>` naming a
-    key of the store (an empty store admits nobody); with None the API is open, which
-    `check_bind` allows only on loopback.
+    With `keys`, every route but `/health` needs a key of the store, sent as
+    `Authorization: Bearer <key>` or `x-api-key: <key>` (an empty store admits nobody);
+    with None the API is open, which `check_bind` allows only on loopback. `aliases` maps
+    extra model names to real ones (see `AliasEngine`); `/v1/models` lists them too.
     """
     metrics = Metrics()
     endpoints = _Endpoints(
-        engine,
+        AliasEngine(engine, aliases) if aliases else engine,
         metrics,
         max_body=max_body,
         default_max_tokens=default_max_tokens,
         stall=stall_timeout,
+        aliases=dict(aliases or {}),
     )
     routes: list[tuple[str, Endpoint, str]] = [
         ("/health", endpoints.health, "GET"),
@@ -311,6 +346,7 @@ def create_app(
         ("/v1/chat/completions", endpoints.chat, "POST"),
         ("/v1/completions", endpoints.completions, "POST"),
         ("/v1/responses", endpoints.responses, "POST"),
+        (ANTHROPIC_ROOT, endpoints.messages, "POST"),
     ]
     app = Starlette(
         routes=[Route(path, endpoint, methods=[method]) for path, endpoint, method in routes],

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import abc
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from dbloom.inference import Chunk, Final, GenerateRequest
+from dbloom.inference import Chunk, Final, GenerateRequest, ProtocolFailure
 
 from ._errors import ApiError
+
+
+@dataclass(slots=True)
+class CalledTool:
+    """A tool call assembled from its streamed pieces."""
+
+    id: str
+    name: str
+    arguments: str = ""
 
 
 class Call(abc.ABC):
@@ -28,6 +38,7 @@ class Call(abc.ABC):
         self.stream = stream
         self.created = int(time.time())
         self.completion_tokens = 0
+        self.tool_calls: list[CalledTool] = []
         self._texts: list[str] = []
 
     @property
@@ -36,9 +47,20 @@ class Call(abc.ABC):
         return "".join(self._texts)
 
     def add(self, chunk: Chunk) -> None:
-        """Account for one chunk; subclasses also keep what their format needs."""
+        """Account for one chunk; subclasses also keep what their format needs.
+
+        Tool calls are assembled piece by piece; a node that sends a piece for a call it
+        never opened breaks the protocol.
+        """
         self.completion_tokens += len(chunk.token_ids)
         self._texts.append(chunk.text)
+        for piece in chunk.tool_calls:
+            if piece.id and piece.index == len(self.tool_calls):
+                self.tool_calls.append(CalledTool(piece.id, piece.name, piece.arguments))
+            elif not piece.id and piece.index < len(self.tool_calls):
+                self.tool_calls[piece.index].arguments += piece.arguments
+            else:
+                raise ProtocolFailure("the node sent a tool call piece out of order")
 
     def usage(self, final: Final | None) -> dict[str, int]:
         """Chat and completions usage; before the final only completion tokens are known."""

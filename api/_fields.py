@@ -9,9 +9,19 @@ as OpenAI does.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
-from dbloom.inference import ChatMessage, GenerateRequest, InvalidRequest
+from dbloom.inference import (
+    ChatMessage,
+    GenerateRequest,
+    InvalidRequest,
+    ResponseFormat,
+    Tool,
+    ToolCall,
+    schema_problem,
+)
 
 from ._errors import ApiError, invalid
 
@@ -29,6 +39,8 @@ ROLE_ALIASES = {"developer": "system"}
 
 Settings = dict[str, tuple[str, Any]]
 """`GenerateRequest` field name -> (the param the client used, its value)."""
+Features = dict[str, Any]
+"""`GenerateRequest` fields already checked as a whole (tools, tool choice, format)."""
 
 
 def _kind(value: object) -> str:
@@ -150,12 +162,133 @@ def text_content(fields: Fields, name: str, part_types: frozenset[str]) -> str |
     return "\n".join(texts)
 
 
-def chat_message(fields: Fields, role: str, content: str) -> ChatMessage:
+def chat_message(
+    fields: Fields,
+    role: str,
+    content: str,
+    *,
+    tool_calls: tuple[ToolCall, ...] = (),
+    tool_call_id: str | None = None,
+) -> ChatMessage:
     """One chat turn; the role must be one the chat templates know."""
     try:
-        return ChatMessage(role=ROLE_ALIASES.get(role, role), content=content)
+        return ChatMessage(
+            role=ROLE_ALIASES.get(role, role),
+            content=content,
+            tool_calls=tool_calls,
+            tool_call_id=tool_call_id,
+        )
     except InvalidRequest as exc:
         raise invalid(exc.message, param=fields.param("role")) from None
+
+
+def tool_call(fields: Fields, call_id: str, name: str, arguments: str) -> ToolCall:
+    """A tool call replayed from an earlier turn; errors name the call's param."""
+    try:
+        return ToolCall(id=call_id, name=name, arguments=arguments)
+    except InvalidRequest as exc:
+        raise invalid(exc.message, param=fields.param("name")) from None
+
+
+def _json_text(fields: Fields, name: str) -> str | None:
+    """An object field (a JSON Schema) as compact JSON text."""
+    if fields.nested(name) is None:
+        return None
+    return json.dumps(fields.raw(name), separators=(",", ":"), ensure_ascii=False)
+
+
+def _enforceable(schema: str, param: str) -> None:
+    """Refuse a schema the node could not enforce, before any node is asked."""
+    try:
+        problem = schema_problem(schema)
+    except ValueError as exc:
+        problem = str(exc)
+    if problem is not None:
+        raise invalid(
+            f"{param} cannot be enforced: {problem}", param=param, code="unsupported_schema"
+        )
+
+
+def function_tool(fields: Fields) -> Tool:
+    """A function tool from the object holding `name`, `description` and `parameters`
+    (`tools[i].function` in Chat Completions, `tools[i]` in the Responses API)."""
+    name = fields.required_string("name")
+    description = fields.string("description") or ""
+    fields.boolean("strict")
+    parameters = _json_text(fields, "parameters")
+    try:
+        tool = Tool(name=name, description=description, **_given("parameters", parameters))
+    except InvalidRequest as exc:
+        raise invalid(exc.message, param=fields.param("name")) from None
+    _enforceable(tool.parameters, fields.param("parameters"))
+    return tool
+
+
+def _given(name: str, value: object) -> dict[str, Any]:
+    return {} if value is None else {name: value}
+
+
+def tool_features(
+    fields: Fields,
+    tools: tuple[Tool, ...],
+    named: Callable[[Fields], str],
+) -> Features:
+    """`tools`, `tool_choice` and `parallel_tool_calls` as request fields.
+
+    `tool_choice` is `none`, `auto`, `required` or an object naming one function, which
+    `named` reads (its place differs between the two APIs).
+    """
+    features: Features = {"tools": tools}
+    parallel = fields.boolean("parallel_tool_calls")
+    if parallel is not None:
+        features["parallel_tool_calls"] = parallel
+    choice = fields.raw("tool_choice")
+    if choice is None or (choice in ("none", "auto") and not tools):
+        return features
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise invalid(
+                "tool_choice must be none, auto, required or a function",
+                param="tool_choice",
+            )
+        if not tools:
+            raise invalid("tool_choice 'required' needs tools", param="tool_choice")
+        return features | {"tool_choice": choice}
+    name = named(Fields(choice, "tool_choice"))
+    if name not in {tool.name for tool in tools}:
+        raise invalid(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+    return features | {"tool_choice": "required", "tool_name": name}
+
+
+def response_format(
+    fields: Fields, kind: str, schema_holder: Fields | None
+) -> ResponseFormat | None:
+    """The structured-output setting of type `kind`; for `json_schema`, `schema_holder` is
+    the object holding `name` and `schema` (they sit in different places in the two APIs).
+    """
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat(kind="json_object")
+    if kind != "json_schema":
+        raise invalid(
+            f"response format type {kind!r} is not supported; use text, json_object or json_schema",
+            param=fields.param("type"),
+            code="unsupported_parameter",
+        )
+    if schema_holder is None:
+        raise invalid(f"{fields.param('json_schema')} is required", fields.param("json_schema"))
+    schema_holder.required_string("name")
+    schema_holder.boolean("strict")
+    schema = _json_text(schema_holder, "schema")
+    if schema is None:
+        return ResponseFormat(kind="json_object")
+    try:
+        result = ResponseFormat(kind="json_schema", schema=schema)
+    except InvalidRequest as exc:
+        raise invalid(exc.message, param=schema_holder.param("schema")) from None
+    _enforceable(schema, schema_holder.param("schema"))
+    return result
 
 
 def reject_unsupported(fields: Fields, *names: str) -> None:
@@ -237,14 +370,18 @@ def build_request(
     settings: Settings,
     prompt: str | None = None,
     messages: tuple[ChatMessage, ...] | None = None,
+    features: Features | None = None,
 ) -> GenerateRequest:
-    """The engine request; a range error names the param the client used for it."""
+    """The engine request; a range error names the param the client used for it.
+
+    `features` (tools, format) were checked field by field when they were read.
+    """
     for name, (param, value) in {"model": ("model", model), **settings}.items():
         try:
             GenerateRequest(**{"model": "probe", "prompt": "probe", "logprobs": True, name: value})
         except InvalidRequest as exc:
             raise invalid(exc.message, param=param) from None
-    values = {name: value for name, (_, value) in settings.items()}
+    values = {name: value for name, (_, value) in settings.items()} | (features or {})
     try:
         return GenerateRequest(
             model=model, prompt=prompt, messages=messages, request_id=request_id, **values

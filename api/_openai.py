@@ -9,19 +9,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from dbloom.inference import ChatMessage, Chunk, Final, GenerateRequest, TokenLogprob
+from dbloom.inference import (
+    ChatMessage,
+    Chunk,
+    Final,
+    GenerateRequest,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+)
 
 from ._call import Call
 from ._errors import ApiError, invalid
 from ._fields import (
+    Features,
     Fields,
     Settings,
     build_request,
     chat_message,
+    function_tool,
     reject_unsupported,
+    response_format,
     sampling,
     single_choice,
     text_content,
+    tool_call,
+    tool_features,
 )
 from ._sse import DONE, sse
 
@@ -37,21 +51,50 @@ def _streaming(fields: Fields) -> tuple[bool, bool]:
     return bool(fields.boolean("stream")), bool(include_usage)
 
 
-def _token_bytes(text: str) -> list[int]:
-    return list(text.encode())
+def _token_bytes(text: str, raw: bytes) -> list[int]:
+    """The token's exact bytes when the node sent them (they differ from its text's for
+    part of a UTF-8 character), else its text's."""
+    return list(raw or text.encode())
 
 
 def chat_logprob(logprob: TokenLogprob) -> dict[str, Any]:
     """One token of `choices[].logprobs.content`, with its rivals when asked for."""
+    top_bytes = logprob.top_bytes or (b"",) * len(logprob.top)
     return {
         "token": logprob.text,
         "logprob": logprob.logprob,
-        "bytes": _token_bytes(logprob.text),
+        "bytes": _token_bytes(logprob.text, logprob.token_bytes),
         "top_logprobs": [
-            {"token": text, "logprob": value, "bytes": _token_bytes(text)}
-            for text, (_, value) in zip(logprob.top_text, logprob.top, strict=True)
+            {"token": text, "logprob": value, "bytes": _token_bytes(text, raw)}
+            for text, (_, value), raw in zip(logprob.top_text, logprob.top, top_bytes, strict=True)
         ],
     }
+
+
+def _tool_calls(message: Fields) -> tuple[ToolCall, ...]:
+    """An assistant turn's `tool_calls`, replayed: `{id, type: function, function}`."""
+    calls = []
+    for index, item in enumerate(message.array("tool_calls") or []):
+        call = Fields(item, f"{message.param('tool_calls')}[{index}]")
+        kind = call.string("type")
+        if kind not in (None, "function"):
+            raise invalid(
+                f"tool calls of type {kind!r} are not supported",
+                param=call.param("type"),
+                code="unsupported_parameter",
+            )
+        function = call.nested("function")
+        if function is None:
+            raise invalid(f"{call.param('function')} is required", call.param("function"))
+        calls.append(
+            tool_call(
+                function,
+                call.required_string("id"),
+                function.required_string("name"),
+                function.string("arguments") or "",
+            )
+        )
+    return tuple(calls)
 
 
 def _chat_messages(fields: Fields) -> tuple[ChatMessage, ...]:
@@ -62,14 +105,66 @@ def _chat_messages(fields: Fields) -> tuple[ChatMessage, ...]:
     for index, item in enumerate(items):
         message = Fields(item, f"messages[{index}]")
         role = message.required_string("role")
-        reject_unsupported(message, "tool_calls", "function_call", "audio")
+        reject_unsupported(message, "function_call", "audio")
+        calls = _tool_calls(message) if role == "assistant" else ()
+        if role != "assistant":
+            reject_unsupported(message, "tool_calls")
+        call_id = message.string("tool_call_id")
+        if role == "tool" and call_id is None:
+            raise invalid(
+                f"{message.param('tool_call_id')} is required", message.param("tool_call_id")
+            )
         content = text_content(message, "content", CHAT_PART_TYPES)
         if content is None:
             if role != "assistant":
                 raise invalid(f"{message.param('content')} is required", message.param("content"))
             content = ""
-        messages.append(chat_message(message, role, content))
+        messages.append(
+            chat_message(
+                message,
+                role,
+                content,
+                tool_calls=calls,
+                tool_call_id=call_id if role == "tool" else None,
+            )
+        )
     return tuple(messages)
+
+
+def _chat_tools(fields: Fields) -> Features:
+    """`tools` (functions only), `tool_choice`, `parallel_tool_calls` and `response_format`."""
+    tools: list[Tool] = []
+    for index, item in enumerate(fields.array("tools") or []):
+        tool = Fields(item, f"tools[{index}]")
+        kind = tool.required_string("type")
+        if kind != "function":
+            raise invalid(
+                f"tools of type {kind!r} are not supported; send functions",
+                param=tool.param("type"),
+                code="unsupported_parameter",
+            )
+        function = tool.nested("function")
+        if function is None:
+            raise invalid(f"{tool.param('function')} is required", tool.param("function"))
+        tools.append(function_tool(function))
+    features = tool_features(fields, tuple(tools), _named_function)
+    spec = fields.nested("response_format")
+    if spec is not None:
+        kind = spec.required_string("type")
+        features["response_format"] = response_format(spec, kind, spec.nested("json_schema"))
+    return features
+
+
+def _named_function(choice: Fields) -> str:
+    """`{"type": "function", "function": {"name": ...}}`."""
+    function = choice.nested("function")
+    if choice.string("type") != "function" or function is None:
+        raise invalid(
+            'tool_choice must be none, auto, required or {"type": "function", "function": '
+            '{"name": ...}}',
+            param="tool_choice",
+        )
+    return function.required_string("name")
 
 
 def _chat_logprobs(fields: Fields) -> Settings:
@@ -85,31 +180,20 @@ def _chat_logprobs(fields: Fields) -> Settings:
     return settings
 
 
-def _plain_text_format(fields: Fields) -> None:
-    """Refuse structured output (JSON mode, schemas): the engine cannot constrain text."""
-    response_format = fields.nested("response_format")
-    if response_format is not None and response_format.string("type") not in (None, "text"):
-        raise invalid(
-            "only text responses are supported",
-            param="response_format",
-            code="unsupported_parameter",
-        )
-
-
 def parse_chat(body: object, *, request_id: str, default_max_tokens: int) -> ChatCall:
     """A `POST /v1/chat/completions` body as a call; raises `ApiError` (400) if malformed."""
     fields = Fields(body)
     model = fields.required_string("model")
     single_choice(fields)
-    reject_unsupported(fields, "tools", "functions", "audio", "prediction")
-    _plain_text_format(fields)
+    reject_unsupported(fields, "functions", "function_call", "audio", "prediction")
+    features = _chat_tools(fields)
     messages = _chat_messages(fields)
     settings = sampling(fields, ("max_completion_tokens", "max_tokens"))
     settings.setdefault("max_tokens", ("max_completion_tokens", default_max_tokens))
     settings.update(_chat_logprobs(fields))
     stream, include_usage = _streaming(fields)
     request = build_request(
-        model=model, request_id=request_id, settings=settings, messages=messages
+        model=model, request_id=request_id, settings=settings, messages=messages, features=features
     )
     return ChatCall(request, stream=stream, include_usage=include_usage)
 
@@ -188,6 +272,19 @@ class _OpenAICall(Call):
         return [*self._usage_chunk(None), sse(error.body())]
 
 
+def _tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
+    """One streamed `delta.tool_calls` entry: the first of a call names it, later ones
+    carry argument text only, as OpenAI streams them."""
+    if piece.id:
+        return {
+            "index": piece.index,
+            "id": piece.id,
+            "type": "function",
+            "function": {"name": piece.name, "arguments": piece.arguments},
+        }
+    return {"index": piece.index, "function": {"arguments": piece.arguments}}
+
+
 class ChatCall(_OpenAICall):
     """A chat completion: message deltas, per-token logprobs in `logprobs.content`."""
 
@@ -217,11 +314,15 @@ class ChatCall(_OpenAICall):
         return [self._chunk([self._choice({"role": "assistant", "content": ""}, None, None)])]
 
     def events(self, chunk: Chunk) -> list[bytes]:
+        events = [
+            self._chunk([self._choice({"tool_calls": [_tool_call_delta(piece)]}, None, None)])
+            for piece in chunk.tool_calls
+        ]
         if not chunk.text and not chunk.logprobs:
-            return []
+            return events
         tail = len(chunk.logprobs) if chunk.logprobs else 0
         logprobs = self._logprobs[len(self._logprobs) - tail :] if tail else None
-        return [self._chunk([self._choice({"content": chunk.text}, logprobs, None)])]
+        return [self._chunk([self._choice({"content": chunk.text}, logprobs, None)]), *events]
 
     def closing(self, final: Final) -> list[bytes]:
         finish = self._choice({}, None, final.finish_reason.value)
@@ -231,10 +332,19 @@ class ChatCall(_OpenAICall):
         logprobs = {"content": self._logprobs, "refusal": None} if self.request.logprobs else None
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": self.text,
+            "content": self.text if self.text or not self.tool_calls else None,
             "refusal": None,
             "annotations": [],
         }
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call in self.tool_calls
+            ]
         choice = {
             "index": 0,
             "message": message,

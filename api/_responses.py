@@ -1,24 +1,54 @@
-"""The Responses API (`POST /v1/responses`): text in, one assistant message out.
+"""The Responses API (`POST /v1/responses`): messages and function calls in and out.
 
 Nothing is stored (`store` is always false), so `previous_response_id` and
-conversations are refused. A stream is the event sequence OpenAI sends for one text
-message, each event with its `sequence_number`; a generation cut by
-`max_output_tokens` ends `incomplete`, as OpenAI's does.
+conversations are refused; a client replays earlier turns, function calls and their
+outputs included, as input items. The output is an assistant message and one
+`function_call` item per call, in the order the model wrote them. A stream is the event
+sequence OpenAI sends for those items, each event with its `sequence_number`; a
+generation cut by `max_output_tokens` ends `incomplete`, as OpenAI's does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from dbloom.inference import ChatMessage, Chunk, Final, FinishReason, GenerateRequest
+from dbloom.inference import ChatMessage, Chunk, Final, FinishReason, GenerateRequest, Tool
 
-from ._call import Call
+from ._call import Call, CalledTool
 from ._errors import ApiError, invalid
-from ._fields import Fields, build_request, chat_message, reject_unsupported, sampling, text_content
+from ._fields import (
+    Features,
+    Fields,
+    build_request,
+    chat_message,
+    function_tool,
+    reject_unsupported,
+    response_format,
+    sampling,
+    text_content,
+    tool_call,
+    tool_features,
+)
 from ._sse import sse
 
 PART_TYPES = frozenset({"input_text", "output_text"})
 """Text parts: `input_text` in user turns, `output_text` in replayed assistant turns."""
+
+
+def _function_call(item: Fields, messages: list[ChatMessage]) -> None:
+    """A replayed `function_call` item joins the assistant turn it belongs to."""
+    call = tool_call(
+        item,
+        item.required_string("call_id"),
+        item.required_string("name"),
+        item.required_string("arguments"),
+    )
+    last = messages[-1] if messages else None
+    if last is not None and last.role == "assistant":
+        messages[-1] = dataclasses.replace(last, tool_calls=(*last.tool_calls, call))
+    else:
+        messages.append(chat_message(item, "assistant", "", tool_calls=(call,)))
 
 
 def _input_messages(fields: Fields) -> list[ChatMessage]:
@@ -30,13 +60,23 @@ def _input_messages(fields: Fields) -> list[ChatMessage]:
     items = fields.array("input")
     if not items:
         raise invalid("input must be a string or a non-empty array of messages", param="input")
-    messages = []
+    messages: list[ChatMessage] = []
     for index, item in enumerate(items):
         message = Fields(item, f"input[{index}]")
         kind = message.string("type")
+        if kind == "function_call":
+            _function_call(message, messages)
+            continue
+        if kind == "function_call_output":
+            output = text_content(message, "output", PART_TYPES)
+            if output is None:
+                raise invalid(f"{message.param('output')} is required", message.param("output"))
+            call_id = message.required_string("call_id")
+            messages.append(chat_message(message, "tool", output, tool_call_id=call_id))
+            continue
         if kind not in (None, "message"):
             raise invalid(
-                f"input items of type {kind!r} are not supported; send messages",
+                f"input items of type {kind!r} are not supported; send messages and function calls",
                 param=message.param("type"),
                 code="unsupported_content",
             )
@@ -48,26 +88,44 @@ def _input_messages(fields: Fields) -> list[ChatMessage]:
     return messages
 
 
-def _plain_text_format(fields: Fields) -> None:
-    """Refuse structured output: the engine cannot constrain what it generates."""
+def _named_function(choice: Fields) -> str:
+    """`{"type": "function", "name": ...}`."""
+    if choice.string("type") != "function":
+        raise invalid(
+            'tool_choice must be none, auto, required or {"type": "function", "name": ...}',
+            param="tool_choice",
+        )
+    return choice.required_string("name")
+
+
+def _features(fields: Fields) -> Features:
+    """`tools` (functions only), `tool_choice`, `parallel_tool_calls` and `text.format`."""
+    tools: list[Tool] = []
+    for index, item in enumerate(fields.array("tools") or []):
+        tool = Fields(item, f"tools[{index}]")
+        kind = tool.required_string("type")
+        if kind != "function":
+            raise invalid(
+                f"tools of type {kind!r} are not supported; send functions",
+                param=tool.param("type"),
+                code="unsupported_parameter",
+            )
+        tools.append(function_tool(tool))
+    features = tool_features(fields, tuple(tools), _named_function)
     text = fields.nested("text")
     text_format = text.nested("format") if text is not None else None
-    if text_format is not None and text_format.string("type") not in (None, "text"):
-        raise invalid(
-            "only text responses are supported",
-            param="text.format",
-            code="unsupported_parameter",
-        )
+    if text_format is not None:
+        kind = text_format.required_string("type")
+        features["response_format"] = response_format(text_format, kind, text_format)
+    return features
 
 
 def parse_response(body: object, *, request_id: str, default_max_tokens: int) -> ResponseCall:
     """A `POST /v1/responses` body as a call; raises `ApiError` (400) if malformed."""
     fields = Fields(body)
     model = fields.required_string("model")
-    reject_unsupported(
-        fields, "tools", "previous_response_id", "conversation", "prompt", "background"
-    )
-    _plain_text_format(fields)
+    reject_unsupported(fields, "previous_response_id", "conversation", "prompt", "background")
+    features = _features(fields)
     instructions = fields.string("instructions")
     messages = _input_messages(fields)
     if instructions:
@@ -75,18 +133,35 @@ def parse_response(body: object, *, request_id: str, default_max_tokens: int) ->
     settings = sampling(fields, ("max_output_tokens",))
     settings.setdefault("max_tokens", ("max_output_tokens", default_max_tokens))
     request = build_request(
-        model=model, request_id=request_id, settings=settings, messages=tuple(messages)
+        model=model,
+        request_id=request_id,
+        settings=settings,
+        messages=tuple(messages),
+        features=features,
     )
+    text = fields.nested("text")
     return ResponseCall(
         request,
         stream=bool(fields.boolean("stream")),
         instructions=instructions,
         max_output_tokens=fields.integer("max_output_tokens"),
+        echo={
+            "tools": fields.raw("tools") or [],
+            "tool_choice": fields.raw("tool_choice") or "auto",
+            "text": {"format": (text.raw("format") if text else None) or {"type": "text"}},
+            "parallel_tool_calls": request.parallel_tool_calls,
+        },
     )
 
 
 class ResponseCall(Call):
-    """One response: a single assistant message holding a single `output_text` part."""
+    """One response: an assistant message (one `output_text` part) and function calls.
+
+    Output items are numbered in the order they appear in the generation. The message
+    item opens with the first text; a response with neither text nor calls still has an
+    empty message, and one with only calls has no message. `echo` holds the request's
+    `tools`, `tool_choice`, `text` and `parallel_tool_calls`, which the response repeats.
+    """
 
     def __init__(
         self,
@@ -95,11 +170,17 @@ class ResponseCall(Call):
         stream: bool,
         instructions: str | None,
         max_output_tokens: int | None,
+        echo: dict[str, Any],
     ) -> None:
         super().__init__(request, stream=stream)
         self.instructions = instructions
         self.max_output_tokens = max_output_tokens
+        self.echo = echo
         self._sequence = 0
+        self._items = 0
+        self._message_index: int | None = None
+        self._message_announced = False
+        self._call_indices: list[int] = []
 
     @property
     def id(self) -> str:
@@ -110,6 +191,19 @@ class ResponseCall(Call):
     def message_id(self) -> str:
         """The id of the one output message."""
         return f"msg_{self.request_id}"
+
+    def _call_id(self, index: int) -> str:
+        return f"fc_{self.request_id}_{index}"
+
+    def _take(self) -> int:
+        self._items += 1
+        return self._items - 1
+
+    def add(self, chunk: Chunk) -> None:
+        super().add(chunk)
+        if chunk.text and self._message_index is None:
+            self._message_index = self._take()
+        self._call_indices.extend(self._take() for piece in chunk.tool_calls if piece.id)
 
     def _event(self, kind: str, **data: Any) -> bytes:
         event = sse({"type": kind, "sequence_number": self._sequence, **data}, event=kind)
@@ -127,6 +221,30 @@ class ResponseCall(Call):
             "status": status,
             "content": [self._part(self.text)] if content else [],
         }
+
+    def _function_call(self, index: int, status: str) -> dict[str, Any]:
+        call: CalledTool = self.tool_calls[index]
+        return {
+            "id": self._call_id(index),
+            "type": "function_call",
+            "call_id": call.id,
+            "name": call.name,
+            "arguments": call.arguments if status == "completed" else "",
+            "status": status,
+        }
+
+    def _settle_message(self) -> None:
+        """Every response without calls has a message, empty if need be."""
+        if self._message_index is None and not self.tool_calls:
+            self._message_index = self._take()
+
+    def _output(self, status: str) -> list[dict[str, Any]]:
+        items: dict[int, dict[str, Any]] = {
+            index: self._function_call(n, "completed") for n, index in enumerate(self._call_indices)
+        }
+        if self._message_index is not None:
+            items[self._message_index] = self._message(status)
+        return [items[index] for index in sorted(items)]
 
     def _usage(self, final: Final) -> dict[str, Any]:
         return {
@@ -157,59 +275,109 @@ class ResponseCall(Call):
             "max_output_tokens": self.max_output_tokens,
             "model": self.request.model,
             "output": output or [],
-            "parallel_tool_calls": False,
             "previous_response_id": None,
             "store": False,
             "temperature": self.request.temperature,
             "top_p": self.request.top_p,
-            "text": {"format": {"type": "text"}},
-            "tool_choice": "none",
-            "tools": [],
             "truncation": "disabled",
             "usage": self._usage(final) if final is not None else None,
             "metadata": {},
+            **self.echo,
         }
 
     def _status(self, final: Final) -> str:
         return "incomplete" if final.finish_reason is FinishReason.LENGTH else "completed"
 
     def _place(self) -> dict[str, Any]:
-        return {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        return {"item_id": self.message_id, "output_index": self._message_index, "content_index": 0}
 
     def opening(self) -> list[bytes]:
         in_progress = self._response("in_progress")
         return [
             self._event("response.created", response=in_progress),
             self._event("response.in_progress", response=in_progress),
+        ]
+
+    def _announce_message(self) -> list[bytes]:
+        if self._message_announced or self._message_index is None:
+            return []
+        self._message_announced = True
+        return [
             self._event(
                 "response.output_item.added",
-                output_index=0,
+                output_index=self._message_index,
                 item=self._message("in_progress", content=False),
             ),
             self._event("response.content_part.added", **self._place(), part=self._part("")),
         ]
 
     def events(self, chunk: Chunk) -> list[bytes]:
-        if not chunk.text:
-            return []
+        events = []
+        if chunk.text:
+            events += self._announce_message()
+            events.append(
+                self._event(
+                    "response.output_text.delta", **self._place(), delta=chunk.text, logprobs=[]
+                )
+            )
+        for piece in chunk.tool_calls:
+            index = self._call_indices[piece.index]
+            if piece.id:
+                item = self._function_call(piece.index, "in_progress")
+                events.append(
+                    self._event("response.output_item.added", output_index=index, item=item)
+                )
+            else:
+                events.append(
+                    self._event(
+                        "response.function_call_arguments.delta",
+                        item_id=self._call_id(piece.index),
+                        output_index=index,
+                        delta=piece.arguments,
+                    )
+                )
+        return events
+
+    def _close_message(self, status: str) -> list[bytes]:
+        return [
+            self._event("response.output_text.done", **self._place(), text=self.text, logprobs=[]),
+            self._event("response.content_part.done", **self._place(), part=self._part(self.text)),
+            self._event(
+                "response.output_item.done",
+                output_index=self._message_index,
+                item=self._message(status),
+            ),
+        ]
+
+    def _close_call(self, n: int) -> list[bytes]:
+        index, item = self._call_indices[n], self._function_call(n, "completed")
         return [
             self._event(
-                "response.output_text.delta", **self._place(), delta=chunk.text, logprobs=[]
-            )
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                name=item["name"],
+                arguments=item["arguments"],
+            ),
+            self._event("response.output_item.done", output_index=index, item=item),
         ]
 
     def closing(self, final: Final) -> list[bytes]:
         status = self._status(final)
-        message = self._message(status)
-        return [
-            self._event("response.output_text.done", **self._place(), text=self.text, logprobs=[]),
-            self._event("response.content_part.done", **self._place(), part=self._part(self.text)),
-            self._event("response.output_item.done", output_index=0, item=message),
+        self._settle_message()
+        events = self._announce_message()
+        closes = {index: self._close_call(n) for n, index in enumerate(self._call_indices)}
+        if self._message_index is not None:
+            closes[self._message_index] = self._close_message(status)
+        for index in sorted(closes):
+            events += closes[index]
+        output = self._output(status)
+        events.append(
             self._event(
-                f"response.{status}",
-                response=self._response(status, final=final, output=[message]),
-            ),
-        ]
+                f"response.{status}", response=self._response(status, final=final, output=output)
+            )
+        )
+        return events
 
     def failure(self, error: ApiError) -> list[bytes]:
         code = "rate_limit_exceeded" if error.status == 429 else "server_error"
@@ -225,4 +393,5 @@ class ResponseCall(Call):
 
     def body(self, final: Final) -> dict[str, Any]:
         status = self._status(final)
-        return self._response(status, final=final, output=[self._message(status)])
+        self._settle_message()
+        return self._response(status, final=final, output=self._output(status))

@@ -4,17 +4,29 @@
 demo shows is what an operator runs. Lifecycle: `run()` sets everything up, announces, and
 then serves until `request_stop()`; it then stops announcing, refuses new requests (as
 busy, so shims fail over), lets running ones finish within `drain_timeout`, and returns.
+
+Availability: unless the owner's rules say "always on", a task samples the machine
+(`_probes.py`) and asks the policy (`_availability.py`). On "pause" the pool stops
+admitting at once, the provider keys stop being republished and a record saying
+`draining` is published (so shims skip this node on their next lookup); running requests
+get `drain_timeout` to finish and are then handed back (their streams reset, so a shim
+that has no token yet fails over). On "serve" the pool admits again and the node
+re-announces. A status file, when configured, tells `dbloom status` all of this.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -22,6 +34,7 @@ from dbloom.attest import (
     PROTOCOL_ID as ATTEST_PROTOCOL,
 )
 from dbloom.attest import (
+    AttestationError,
     DevProvider,
     EvidenceProvider,
     NodeAttester,
@@ -36,10 +49,13 @@ from dbloom.inference import (
     EnginePool,
     Final,
     GenerateRequest,
+    InsufficientMemory,
+    LocalModel,
     MLXEngine,
     ModelOffer,
     NodeRecord,
     Speed,
+    inspect_model,
     measure_speed,
     model_provider_key,
     resolve_model,
@@ -48,11 +64,16 @@ from dbloom.inference import (
 from dbloom.inference import (
     PROTOCOL_ID as INFER_PROTOCOL,
 )
+from dbloom.inference._models import WEIGHT_SUFFIX, estimate_memory
 from dbloom.ledger import Ledger, ReceiptBody, compute_amount, sign_as_node, tokens_digest
 from dbloom.ledger._service import ReceiptService
 from dbloom.p2p import Host, KeyPair, Multiaddr, NetStream, open_host
 from dbloom.p2p.gossip import Gossip
 from dbloom.p2p.kad import KadConfig, KademliaDHT, provider_key
+
+from ._availability import ALWAYS_ON, Availability, Decision, Rules
+from ._probes import Probes, read_all, read_idle, read_machine, system_probes
+from .status import STATUS_INTERVAL, STATUS_VERSION, write_status
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +82,23 @@ RECEIPT_ID_SIZE = 16
 RECORD_CHECK = 2.0
 RECORD_MIN_GAP = 5.0
 ANNOUNCE_TIMEOUT = 30.0
+WITHDRAW_TIMEOUT = 5.0
+EVIDENCE_TIMEOUT = 20.0
+RESET_TIMEOUT = 1.0
+IDLE_POLL = 0.5
+"""Seconds between idle-time samples (2 Hz): the owner's return stops new work within this
+and the probe's run time (a few milliseconds)."""
+MACHINE_POLL = 5.0
+"""Seconds between samples of power, heat and memory, which change slowly."""
 
 
 @dataclass(slots=True)
 class PeerSettings:
-    """What an operator chooses; defaults suit a single Mac on a home network."""
+    """What an operator chooses; defaults suit a single Mac on a home network.
+
+    `availability` defaults to always on, for the demo and tests; `dbloom peer` passes the
+    owner's rules (idle time, power, heat, memory, hours).
+    """
 
     listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
     bootstrap: list[str] = field(default_factory=list)
@@ -82,6 +115,9 @@ class PeerSettings:
     log_proof: Path | None = None
     kad: KadConfig | None = None
     ledger: Path | None = None
+    availability: Rules = field(default_factory=lambda: Rules(always_on=True))
+    max_memory: int | None = None
+    status_file: Path | None = None
 
 
 def _local_ips(family: socket.AddressFamily) -> list[str]:
@@ -97,8 +133,13 @@ def advertised_addrs(host: Host) -> list[str]:
 
     (Reachability from outside a home network is the relay issue's job.)
     """
+    return expand_addrs(map(str, host.listen_addrs))
+
+
+def expand_addrs(addrs: Iterable[str]) -> list[str]:
+    """`advertised_addrs` for addresses not yet listened on (a dry run)."""
     out: list[str] = []
-    for addr in map(str, host.listen_addrs):
+    for addr in addrs:
         if addr.startswith("/ip4/0.0.0.0/"):
             ips = ["127.0.0.1", *_local_ips(socket.AF_INET)]
             out += [addr.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in dict.fromkeys(ips)]
@@ -110,10 +151,52 @@ def advertised_addrs(host: Host) -> list[str]:
     return out
 
 
-def _resolve(ref: str) -> tuple[str, Path]:
+@dataclass(frozen=True, slots=True)
+class ModelPlan:
+    """A model to serve, resolved to a folder, with what loading and serving it costs."""
+
+    id: str
+    path: Path
+    memory: int
+    """Bytes needed to load it (weights, caches, activations)."""
+    headroom: int
+    """Of those, bytes that grow while serving (caches and activations)."""
+
+
+def _resolve(ref: str, *, download: bool = True) -> tuple[str, Path]:
     """The model id we announce and the local folder: a folder's name, or the hub repo id."""
-    path = resolve_model(ref)
+    path = resolve_model(ref, download=download)
     return (path.name if Path(ref).expanduser().is_dir() else ref), path
+
+
+def _plan_model(ref: str, model_id: str | None, *, download: bool) -> ModelPlan:
+    name, path = _resolve(ref, download=download)
+    weights = sum(f.stat().st_size for f in path.glob(f"*{WEIGHT_SUFFIX}"))
+    memory = estimate_memory(weights)
+    return ModelPlan(id=model_id or name, path=path, memory=memory, headroom=memory - weights)
+
+
+def _inspect(plan: ModelPlan) -> LocalModel:
+    return inspect_model(plan.path, model_id=plan.id)
+
+
+def check_max_memory(plans: Sequence[ModelPlan], max_memory: int | None) -> None:
+    """Refuse models whose estimated memory together exceeds the owner's limit."""
+    total = sum(p.memory for p in plans)
+    if max_memory is not None and total > max_memory:
+        raise InsufficientMemory(
+            f"the models need about {total / 2**30:.2f} GiB, above the "
+            f"{max_memory / 2**30:.2f} GiB the owner allows (max_memory)"
+        )
+
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What `run()` would serve and announce, resolved without loading or listening."""
+
+    models: tuple[ModelPlan, ...]
+    record: NodeRecord
 
 
 class PeerNode:
@@ -126,11 +209,13 @@ class PeerNode:
         *,
         provider: EvidenceProvider | None = None,
         model_ids: dict[str, str] | None = None,
+        probes: Probes | None = None,
     ) -> None:
         self.identity = identity
         self.settings = settings
         self.provider = provider or DevProvider(identity)
         self.model_ids = model_ids or {}
+        self.probes = probes
         self.host: Host | None = None
         self.dht: KademliaDHT | None = None
         self.pool: EnginePool | None = None
@@ -141,8 +226,19 @@ class PeerNode:
         self.status = "starting"
         self.ledger: Ledger | None = None
         self.receipts: ReceiptService | None = None
+        self.availability = Availability(settings.availability)
+        self.decision: Decision = ALWAYS_ON
+        self.attestation = "not checked yet"
+        self.challenges = 0
+        self.started_ms = int(time.time() * 1000)
+        self.offers: tuple[ModelOffer, ...] = ()
+        self._keys: list[bytes] = []
         self._stop = trio.Event()
         self._published_at = -1e9
+        self._publish_lock = trio.Lock()
+        self._requests: set[trio.CancelScope] = set()
+        self._serving = False
+        self._transition: trio.CancelScope | None = None
 
     @property
     def peer_id(self) -> str:
@@ -151,6 +247,45 @@ class PeerNode:
     def request_stop(self) -> None:
         """Begin the graceful shutdown (Ctrl-C)."""
         self._stop.set()
+
+    async def plan(self) -> Plan:
+        """Resolve models (cached ones only), digests, measurement and the record `run()`
+        would publish, without loading a model, listening or announcing (`--dry-run`)."""
+        s = self.settings
+        plans = await self._plan_models(download=False)
+        infos = [(await trio.to_thread.run_sync(_inspect, p)).info for p in plans]
+        self.measurement = measure_software().digest
+        offers = tuple(
+            ModelOffer(
+                id=m.id,
+                digest=m.digest,
+                context_length=m.context_length,
+                decode_tps=0.0,
+                prefill_tps=0.0,
+                price_in=s.price_in,
+                price_out=s.price_out,
+            )
+            for m in infos
+        )
+        record = NodeRecord(
+            addrs=tuple(expand_addrs(s.listen)[:MAX_ADDRS]),
+            models=offers,
+            max_batch=s.max_batch * len(plans),
+            active=0,
+            queued=0,
+            attest_kind=self.provider.kind,
+            measurement=self.measurement.hex(),
+            updated_ms=int(time.time() * 1000),
+        )
+        return Plan(models=tuple(plans), record=record)
+
+    async def _plan_models(self, *, download: bool) -> list[ModelPlan]:
+        plans = []
+        for ref in self.settings.models:
+            plan = partial(_plan_model, ref, self.model_ids.get(ref), download=download)
+            plans.append(await trio.to_thread.run_sync(plan))
+        check_max_memory(plans, self.settings.max_memory)
+        return plans
 
     async def run(
         self, *, task_status: trio.TaskStatus[PeerNode] = trio.TASK_STATUS_IGNORED
@@ -162,12 +297,16 @@ class PeerNode:
             if s.ledger is not None:
                 self.ledger = stack.enter_context(Ledger.open(s.ledger))
             self.status = "loading models"
+            plans = await self._plan_models(download=True)
+            self.availability = Availability(
+                replace(s.availability, memory_need=sum(p.headroom for p in plans))
+            )
             engines = {}
-            for ref in s.models:
-                model_id, path = await trio.to_thread.run_sync(_resolve, ref)
-                model_id = self.model_ids.get(ref, model_id)
-                engines[model_id] = await stack.enter_async_context(
-                    MLXEngine(path, model_id=model_id, max_batch=s.max_batch, max_queue=s.max_queue)
+            for plan in plans:
+                engines[plan.id] = await stack.enter_async_context(
+                    MLXEngine(
+                        plan.path, model_id=plan.id, max_batch=s.max_batch, max_queue=s.max_queue
+                    )
                 )
             self.pool = pool = EnginePool(engines)
             if s.benchmark:
@@ -183,20 +322,18 @@ class PeerNode:
                 posture=self.posture,
                 log_bundle=s.log_proof.read_bytes() if s.log_proof else None,
             )
+            self.status = "checking attestation"
+            self.attestation = await _check_attestation(attester)
             host = self.host = await stack.enter_async_context(
                 open_host(self.identity, listen=[Multiaddr.parse(a) for a in s.listen])
             )
 
             async def attest_handler(stream: NetStream) -> None:
+                self.challenges += 1
                 await serve_attest(stream, attester)
 
-            signer = self._sign_receipt
-
-            async def infer_handler(stream: NetStream) -> None:
-                await serve_infer(stream, pool, sign_receipt=signer)
-
             host.set_stream_handler(ATTEST_PROTOCOL, attest_handler)
-            host.set_stream_handler(INFER_PROTOCOL, infer_handler)
+            host.set_stream_handler(INFER_PROTOCOL, self._infer_handler)
             nursery = await stack.enter_async_context(trio.open_nursery())
             kad = s.kad or KadConfig()
             kad = replace(
@@ -224,13 +361,46 @@ class PeerNode:
             )
             self._keys = [provider_key(model_provider_key(m.id)) for m in infos]
             self._keys.append(provider_key(DIRECTORY_KEY))
-            await self._announce()
+            probes = None if s.availability.always_on else (self.probes or system_probes())
+            if probes is not None:
+                self.decision = self.availability.update(
+                    await read_all(probes), trio.current_time()
+                )
+            self._serving = self.decision.serve
+            if self._serving:
+                await self._announce()
+                self.status = "serving"
+            else:
+                log.info("paused at start: %s", "; ".join(self.decision.reasons))
+                pool.drain()
+                await self._publish_current()
+                self.status = "paused"
             nursery.start_soon(self._keep_record_fresh)
-            self.status = "serving"
+            if s.status_file is not None:
+                nursery.start_soon(self._keep_status_file, s.status_file)
+            watching = trio.CancelScope()
+            if probes is not None:
+                nursery.start_soon(self._watch, probes, watching)
             task_status.started(self)
             await self._stop.wait()
+            watching.cancel()
             await self._shutdown()
+            if s.status_file is not None:
+                await trio.to_thread.run_sync(write_status, s.status_file, self.snapshot())
             nursery.cancel_scope.cancel()
+
+    async def _infer_handler(self, stream: NetStream) -> None:
+        """Serve one request; a pause that outlasts the deadline hands it back (a reset)."""
+        assert self.pool is not None
+        with trio.CancelScope() as scope:
+            self._requests.add(scope)
+            try:
+                await serve_infer(stream, self.pool, sign_receipt=self._sign_receipt)
+            finally:
+                self._requests.discard(scope)
+        if scope.cancelled_caught:
+            with trio.move_on_after(RESET_TIMEOUT):
+                await stream.reset()
 
     def _sign_receipt(
         self, request: GenerateRequest, final: Final, token_ids: Sequence[int], started_ms: int
@@ -245,6 +415,14 @@ class PeerNode:
             return None
         if len(receipt_id) != RECEIPT_ID_SIZE:
             return None
+        finished_ms = max(started_ms, int(time.time() * 1000))
+        log.info(
+            "request %s: %d prompt and %d completion tokens in %d ms",
+            receipt_id.hex(),
+            final.prompt_tokens,
+            final.completion_tokens,
+            finished_ms - started_ms,
+        )
         body = ReceiptBody(
             id=receipt_id,
             node=self.identity.peer_id.multihash,
@@ -258,7 +436,7 @@ class PeerNode:
                 final.prompt_tokens, final.completion_tokens, offer.price_in, offer.price_out
             ),
             started_ms=started_ms,
-            finished_ms=max(started_ms, int(time.time() * 1000)),
+            finished_ms=finished_ms,
             tokens_digest=tokens_digest(token_ids),
         )
         return sign_as_node(body, self.identity)
@@ -273,7 +451,8 @@ class PeerNode:
                 return payout.receipts, payout.operator
         return 0, 0
 
-    def current_record(self, *, draining: bool = False) -> NodeRecord:
+    def current_record(self) -> NodeRecord:
+        """The record as of now; `draining` while paused or stopping."""
         assert self.host is not None and self.pool is not None
         load = self.pool.load()
         return NodeRecord(
@@ -285,25 +464,62 @@ class PeerNode:
             attest_kind=self.provider.kind,
             measurement=self.measurement.hex(),
             updated_ms=int(time.time() * 1000),
-            draining=draining,
+            draining=self.pool.draining,
         )
 
-    async def _publish(self, record: NodeRecord) -> None:
+    def snapshot(self) -> dict[str, Any]:
+        """What `dbloom status` shows: state, availability, counts; never request data."""
+        pool = self.pool
+        receipts, earned = self.earnings()
+        return {
+            "v": STATUS_VERSION,
+            "pid": os.getpid(),
+            "peer_id": self.peer_id,
+            "started_ms": self.started_ms,
+            "updated_ms": int(time.time() * 1000),
+            "state": self.status,
+            "availability": {
+                "serve": self.decision.serve,
+                "checks": [
+                    {"name": c.name, "state": c.state, "text": c.text}
+                    for c in self.decision.checks
+                ],
+            },
+            "models": [o.id for o in self.offers],
+            "requests": pool.requests_total if pool else 0,
+            "tokens": pool.tokens_total if pool else 0,
+            "in_flight": pool.in_flight if pool else 0,
+            "earnings": {"receipts": receipts, "micro": earned},
+            "attestation": {"kind": self.provider.kind, "status": self.attestation_status()},
+        }
+
+    def attestation_status(self) -> str:
+        return f"{self.attestation}; {self.challenges} challenges answered"
+
+    async def _publish_current(self) -> None:
+        """Publish the record as of now; one publication at a time, so none lands stale."""
         assert self.dht is not None
-        self.record = record
-        self._published_at = trio.current_time()
-        with trio.move_on_after(ANNOUNCE_TIMEOUT):
-            stored = await self.dht.publish_node_record(record.encode())
-            log.debug("node record stored at %d peers", stored)
+        async with self._publish_lock:
+            record = self.record = self.current_record()
+            self._published_at = trio.current_time()
+            with trio.move_on_after(ANNOUNCE_TIMEOUT):
+                stored = await self.dht.publish_node_record(record.encode())
+                log.debug("node record stored at %d peers", stored)
 
     async def _announce(self) -> None:
         assert self.dht is not None
         dht = self.dht
-        await self._publish(self.current_record())
+        await self._publish_current()
         with trio.move_on_after(ANNOUNCE_TIMEOUT):
             async with trio.open_nursery() as nursery:
                 for key in self._keys:
                     nursery.start_soon(dht.provide, key)
+
+    def _withdraw(self) -> None:
+        """Stop republishing our provider keys; remote copies lapse within the provider TTL."""
+        assert self.dht is not None
+        for key in self._keys:
+            self.dht.stop_providing(key)
 
     async def _keep_record_fresh(self) -> None:
         """Republish when load changes (at most every few seconds) or on the interval."""
@@ -312,23 +528,106 @@ class PeerNode:
             since = trio.current_time() - self._published_at
             record = self.current_record()
             published = self.record
-            changed = published is None or (record.active, record.queued) != (
+            changed = published is None or (record.active, record.queued, record.draining) != (
                 published.active,
                 published.queued,
+                published.draining,
             )
             if since >= self.settings.record_interval or (changed and since >= RECORD_MIN_GAP):
-                await self._publish(record)
+                await self._publish_current()
+
+    async def _keep_status_file(self, path: Path) -> None:
+        while True:
+            await trio.to_thread.run_sync(write_status, path, self.snapshot())
+            await trio.sleep(STATUS_INTERVAL)
+
+    async def _watch(self, probes: Probes, scope: trio.CancelScope) -> None:
+        """Sample idle time every IDLE_POLL s (the rest every MACHINE_POLL s) and act on it."""
+        with scope:
+            machine = await read_machine(probes)
+            async with trio.open_nursery() as nursery:
+
+                async def refresh() -> None:
+                    nonlocal machine
+                    while True:
+                        await trio.sleep(MACHINE_POLL)
+                        machine = await read_machine(probes)
+
+                nursery.start_soon(refresh)
+                while True:
+                    readings = replace(
+                        machine, idle=await read_idle(probes), clock=probes.local_time()
+                    )
+                    self._decide(self.availability.update(readings, trio.current_time()), nursery)
+                    await trio.sleep(IDLE_POLL)
+
+    def _decide(self, decision: Decision, nursery: trio.Nursery) -> None:
+        """Act on a change: stop admitting at once on pause; the rest runs as a transition
+        that the next change cancels."""
+        assert self.pool is not None
+        self.decision = decision
+        if decision.serve == self._serving:
+            return
+        self._serving = decision.serve
+        if self._transition is not None:
+            self._transition.cancel()
+        scope = self._transition = trio.CancelScope()
+        if decision.serve:
+            log.info("serving again: %s", "; ".join(c.text for c in decision.checks))
+            nursery.start_soon(self._transit, scope, self._resume)
+        else:
+            self.pool.drain()
+            log.info("pausing: %s", "; ".join(decision.reasons))
+            nursery.start_soon(self._transit, scope, self._pause)
+
+    async def _transit(self, scope: trio.CancelScope, step: Callable[[], Awaitable[None]]) -> None:
+        with scope:
+            await step()
+
+    async def _pause(self) -> None:
+        """Withdraw, let running requests finish within `drain_timeout`, hand back the rest."""
+        assert self.pool is not None
+        self.status = "pausing"
+        self._withdraw()
+        with trio.move_on_after(WITHDRAW_TIMEOUT):
+            await self._publish_current()
+        with trio.move_on_after(self.settings.drain_timeout):
+            await self.pool.wait_idle()
+        if self._requests:
+            log.warning("handing back %d requests at the pause deadline", len(self._requests))
+            for request in list(self._requests):
+                request.cancel()
+        self.status = "paused"
+
+    async def _resume(self) -> None:
+        assert self.pool is not None
+        self.status = "resuming"
+        self.pool.resume()
+        await self._announce()
+        self.status = "serving"
 
     async def _shutdown(self) -> None:
-        assert self.dht is not None and self.pool is not None
+        assert self.pool is not None
+        if self._transition is not None:
+            self._transition.cancel()
         self.status = "draining"
         self.pool.drain()
-        for key in self._keys:
-            self.dht.stop_providing(key)
-        with trio.move_on_after(5):
-            await self._publish(self.current_record(draining=True))
+        self._withdraw()
+        with trio.move_on_after(WITHDRAW_TIMEOUT):
+            await self._publish_current()
         with trio.move_on_after(self.settings.drain_timeout) as scope:
             await self.pool.wait_idle()
         if scope.cancelled_caught:
             log.warning("%d requests still running at the drain deadline", self.pool.in_flight)
         self.status = "stopped"
+
+
+async def _check_attestation(attester: NodeAttester) -> str:
+    """Produce evidence once for a throwaway nonce, so a broken provider shows at start."""
+    try:
+        with trio.fail_after(EVIDENCE_TIMEOUT):
+            await attester.answer(secrets.token_bytes(32))
+    except (AttestationError, OSError, trio.TooSlowError) as e:
+        log.warning("cannot produce %s evidence: %s", attester.kind, e)
+        return f"cannot produce evidence ({e or type(e).__name__})"
+    return "evidence ok at start"

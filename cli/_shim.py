@@ -42,6 +42,8 @@ class ShimSettings:
     roots: dict[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
     app_ids: frozenset[str] = frozenset()
     keys: ApiKeys | None = None
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Extra model names clients may use, alias -> real model id."""
     kad: KadConfig | None = None
     ledger: Path | None = None
     account: KeyPair | None = None
@@ -71,10 +73,16 @@ class ShimNode:
         self.receipts: ReceiptService | None = None
 
     @property
-    def base_url(self) -> str:
+    def url(self) -> str:
+        """The server's root: the base URL of Anthropic's SDKs."""
         host = self.settings.host
         shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{self.port}/v1"
+        return f"http://{shown}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The base URL of OpenAI's SDKs."""
+        return f"{self.url}/v1"
 
     async def run(
         self, *, task_status: trio.TaskStatus[ShimNode] = trio.TASK_STATUS_IGNORED
@@ -116,6 +124,6 @@ class ShimNode:
                 account=s.account or KeyPair.generate(),
                 on_receipt=on_receipt,
             )
-            app = create_app(self.engine, keys=s.keys)
+            app = create_app(self.engine, keys=s.keys, aliases=s.aliases)
             self.port = await nursery.start(partial(serve_api, app, host=s.host, port=s.port))
             task_status.started(self)

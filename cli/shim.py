@@ -1,4 +1,5 @@
-"""`dbloom shim`: an OpenAI-compatible API on this machine, served by attested nodes."""
+"""`dbloom shim`: OpenAI- and Anthropic-compatible APIs on this machine, served by attested
+nodes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import trio
 import typer
 from cryptography import x509
 
-from dbloom.api import ApiKeys, InsecureBind, is_loopback, keys_app
+from dbloom.api import ApiKeys, InsecureBind, KeyStoreError, is_loopback, keys_app, parse_aliases
 from dbloom.attest import HARDWARE_KINDS, production_roots
 from dbloom.ledger._money import parse_price
 from dbloom.p2p import Multiaddr, MultiaddrError, load_or_create_identity
@@ -21,10 +22,25 @@ from .peer import LEDGER_FILE
 ACCOUNT_KEY_FILE = "account.key"
 
 app = typer.Typer(
-    help="The OpenAI-compatible API that routes to attested nodes.",
+    help="The OpenAI- and Anthropic-compatible API that routes to attested nodes.",
     invoke_without_command=True,
 )
 app.add_typer(keys_app, name="keys")
+
+
+def _api_keys(host: str, home: Path | None, required: bool) -> ApiKeys | None:
+    """The store whose keys clients must present: always beyond loopback, and on loopback
+    too when `required`, since other local users, or a proxy in front, may reach it."""
+    if not required:
+        return None if is_loopback(host) else ApiKeys.in_home(home_dir(home))
+    keys = ApiKeys.in_home(home_dir(home))
+    try:
+        count = len(keys)
+    except KeyStoreError as e:
+        fail(str(e))
+    if not count:
+        fail("--require-key needs an API key: run `dbloom shim keys add NAME`")
+    return keys
 
 
 def _load_roots(paths: list[Path]) -> tuple[x509.Certificate, ...]:
@@ -78,9 +94,22 @@ def shim(
     app_id: list[str] = typer.Option(
         [], "--app-id", help="App Attest app id (TEAMID.bundle) of the node helper."
     ),
+    alias: list[str] = typer.Option(
+        [],
+        "--alias",
+        envvar="DBLOOM_SHIM_ALIAS",
+        help="Another name clients may ask for a model by, NAME=MODEL (repeatable): gpt-3=tiny.",
+    ),
+    require_key: bool = typer.Option(
+        False,
+        "--require-key",
+        envvar="DBLOOM_SHIM_REQUIRE_KEY",
+        help="Require an API key even on loopback (always required beyond it).",
+    ),
     home: Path | None = typer.Option(None, "--home", help="Home folder (API keys)."),
 ) -> None:
-    """Serve the OpenAI API on HOST:PORT until Ctrl-C (`dbloom shim keys` manages API keys)."""
+    """Serve the OpenAI and Anthropic APIs on HOST:PORT until Ctrl-C (`dbloom shim keys`
+    manages API keys)."""
     if ctx.invoked_subcommand is not None:
         return
     try:
@@ -88,12 +117,13 @@ def shim(
         for addr in bootstrap:
             Multiaddr.parse(addr)
         keys_hex = [bytes.fromhex(k) for k in log_key]
+        aliases = parse_aliases(alias)
     except (ValueError, MultiaddrError) as e:
         fail(str(e))
     if any(len(k) != 32 for k in keys_hex):
         fail("--log-key must be a 32-byte Ed25519 public key in hex")
     kinds = frozenset(k.strip() for k in attest_kinds.split(",") if k.strip())
-    keys = None if is_loopback(host) else ApiKeys.in_home(home_dir(home))
+    keys = _api_keys(host, home, require_key)
     settings = ShimSettings(
         host=host,
         port=port,
@@ -106,6 +136,7 @@ def shim(
         roots={**production_roots(), "tpm2": _load_roots(tpm_root)},
         app_ids=frozenset(app_id),
         keys=keys,
+        aliases=aliases,
         ledger=home_dir(home) / LEDGER_FILE,
         account=load_or_create_identity(home_dir(home) / ACCOUNT_KEY_FILE),
     )
@@ -118,6 +149,9 @@ def shim(
             except InsecureBind as e:
                 fail(str(e))
             console.print(f"OpenAI-compatible API on {node.base_url}")
+            console.print(f"Anthropic-compatible API on {node.url}")
+            for name, model in aliases.items():
+                console.print(f"model alias {name} -> {model}")
             if allow_dev:
                 console.print("[yellow]accepting dev attestation: nodes are not verified[/yellow]")
             await wait_for_interrupt()

@@ -26,6 +26,8 @@ from ._events import Chunk as Chunk
 from ._events import Final as Final
 from ._events import FinishReason as FinishReason
 from ._events import TokenLogprob as TokenLogprob
+from ._events import ToolCallDelta as ToolCallDelta
+from ._grammar import schema_problem as schema_problem
 from ._mlx_engine import MLXEngine as MLXEngine
 from ._models import LocalModel as LocalModel
 from ._models import available_memory as available_memory
@@ -55,6 +57,9 @@ from ._record import decode_node_record as decode_node_record
 from ._record import model_provider_key as model_provider_key
 from ._request import ChatMessage as ChatMessage
 from ._request import GenerateRequest as GenerateRequest
+from ._request import ResponseFormat as ResponseFormat
+from ._request import Tool as Tool
+from ._request import ToolCall as ToolCall
 from ._selfbench import Speed as Speed
 from ._selfbench import measure_speed as measure_speed
 from ._service import infer as infer

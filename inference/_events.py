@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+MAX_ARGUMENTS_PIECE = 8192
+"""Characters of argument text in one `ToolCallDelta`: even as 4-byte UTF-8, a piece fits a
+chunk frame with room to spare, however long the whole call is."""
+
 
 class FinishReason(StrEnum):
     """Why a generation ended."""
@@ -19,6 +23,8 @@ class FinishReason(StrEnum):
     """`max_tokens` tokens were generated."""
     CANCELLED = "cancelled"
     """The consumer gave up before the end."""
+    TOOL_CALLS = "tool_calls"
+    """The model ended its turn after calling one or more tools."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,7 +32,9 @@ class TokenLogprob:
     """The log-probability of a sampled token and, on request, its strongest rivals.
 
     `text` and `top_text` are the tokens decoded alone, because an OpenAI client shows
-    token strings and only the node has the tokenizer.
+    token strings and only the node has the tokenizer. `token_bytes` and `top_bytes` are
+    their exact bytes: a token may hold part of a UTF-8 character, which its text can only
+    show as U+FFFD. They are empty when the node cannot tell.
     """
 
     token: int
@@ -34,6 +42,24 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
     text: str = ""
     top_text: tuple[str, ...] = ()
+    token_bytes: bytes = b""
+    top_bytes: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCallDelta:
+    """A piece of a tool call, shaped like one entry of OpenAI's streamed `delta.tool_calls`.
+
+    The first piece of a call (by `index`, counted from 0 per generation) names it with
+    `id` and `name` and empty `arguments`; the pieces after it carry only argument text,
+    which joined is the call's JSON arguments. Streams can then pass pieces on unchanged,
+    and long arguments never have to fit one frame.
+    """
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,11 +70,14 @@ class Chunk:
     such text is held back until it is safe. `token_ids` are every sampled token (a
     stop string's tokens included, end-of-sequence tokens excluded), so `text` may be
     empty while tokens arrive. `logprobs`, when requested, has one entry per token.
+    `tool_calls` are the pieces of tool calls the node has parsed out of the output; the
+    text of a tool call never appears in `text`.
     """
 
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +43,11 @@ from ._errors import (
     SlowConsumer,
     UnknownModel,
 )
-from ._events import Chunk, Final, FinishReason, TokenLogprob
+from ._events import Chunk, Final, FinishReason, TokenLogprob, ToolCallDelta
 from ._models import inspect_model, load_model
 from ._request import GenerateRequest
 from ._stops import StopBuffer
+from ._tools import ToolCallReader, ToolSyntax
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 32
@@ -68,7 +69,7 @@ def _drain(queue: deque[Any]) -> list[Any]:
 Outbox = list[tuple[int, Chunk | Final | EngineError]]
 
 
-def plain_chat_prompt(messages: list[dict[str, str]]) -> str:
+def plain_chat_prompt(messages: list[dict[str, Any]]) -> str:
     """A chat prompt for models without a chat template: `role: content` lines."""
     lines = [f"{m['role']}: {m['content']}" for m in messages]
     return "\n".join([*lines, "assistant:"])
@@ -84,59 +85,88 @@ class _Slot:
     prompt: list[int]
     send: trio.MemorySendChannel[Item]
     receive: trio.MemoryReceiveChannel[Item]
+    grammar: Any = None
     state: str = "queued"
     error: EngineError | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class _Job:
-    """What the worker thread needs to start a request."""
+    """What the worker thread needs to start a request; `grammar` is its constraint's
+    matcher (None without one)."""
 
     number: int
     request: GenerateRequest
     request_id: str
     prompt: list[int]
+    grammar: Any = None
 
 
 @dataclass(slots=True)
 class _Active:
-    """Worker-side state of one request in the batch: detokenizer, stop strings, counts."""
+    """Worker-side state of one request in the batch: detokenizer, tool calls, stop strings,
+    counts. Text goes through the tool-call reader first, so stop strings apply to content
+    only, and a call's text never reaches the client as content."""
 
     job: _Job
     detokenizer: Any
     stops: StopBuffer
     decode: Any
+    token_bytes: Callable[[int], bytes] = lambda _: b""
+    tools: ToolCallReader | None = None
     completion_tokens: int = 0
     events: Outbox = field(default_factory=list)
 
     def on_token(self, token: int, logprobs: Any, finish: str | None) -> bool:
         """Turn one sampled token into events; True when the request is finished."""
-        number = self.job.number
         if finish == "stop":
             self.detokenizer.finalize()
-            text, hit = self.stops.feed(self.detokenizer.last_segment)
-            if not hit:
-                text += self.stops.flush()
-            if text:
-                self.events.append((number, Chunk(text=text, token_ids=())))
-            self.events.append((number, self._final(FinishReason.STOP)))
+            self._emit(self.detokenizer.last_segment, (), None, end=True)
+            self.events.append((self.job.number, self._final(FinishReason.STOP)))
             return True
         self.detokenizer.add_token(token)
         if finish == "length":
             self.detokenizer.finalize()
-        text, hit = self.stops.feed(self.detokenizer.last_segment)
         self.completion_tokens += 1
-        if not hit and finish == "length":
-            text += self.stops.flush()
         lp = (self._logprob(token, logprobs),) if self.job.request.logprobs else None
-        self.events.append((number, Chunk(text=text, token_ids=(token,), logprobs=lp)))
+        hit = self._emit(self.detokenizer.last_segment, (token,), lp, end=finish == "length")
         if hit or finish == "length":
             reason = FinishReason.STOP if hit else FinishReason.LENGTH
-            self.events.append((number, self._final(reason)))
+            self.events.append((self.job.number, self._final(reason)))
             return True
         return False
 
+    def _emit(
+        self,
+        segment: str,
+        tokens: tuple[int, ...],
+        logprobs: tuple[TokenLogprob, ...] | None,
+        *,
+        end: bool,
+    ) -> bool:
+        """Queue the chunk for new text (and tokens), then one chunk per tool-call piece;
+        True when a stop string matched."""
+        calls: list[ToolCallDelta] = []
+        if self.tools is not None:
+            segment, calls = self.tools.feed(segment)
+            if end:
+                tail, more = self.tools.finish()
+                segment += tail
+                calls += more
+        text, hit = self.stops.feed(segment)
+        if end and not hit:
+            text += self.stops.flush()
+        number = self.job.number
+        if text or tokens:
+            self.events.append((number, Chunk(text=text, token_ids=tokens, logprobs=logprobs)))
+        self.events.extend(
+            (number, Chunk(text="", token_ids=(), tool_calls=(piece,))) for piece in calls
+        )
+        return hit
+
     def _final(self, reason: FinishReason) -> Final:
+        if reason is FinishReason.STOP and self.tools is not None and self.tools.called:
+            reason = FinishReason.TOOL_CALLS
         return Final(
             request_id=self.job.request_id,
             finish_reason=reason,
@@ -149,9 +179,10 @@ class _Active:
 
         chosen = float(row[token].item())
         text = self.decode([token])
+        raw = self.token_bytes(token)
         k = self.job.request.top_logprobs
         if not k:
-            return TokenLogprob(token=token, logprob=chosen, text=text)
+            return TokenLogprob(token=token, logprob=chosen, text=text, token_bytes=raw)
         k = min(k, row.shape[-1])
         ids = mx.argpartition(-row, kth=k - 1)[:k]
         values = row[ids]
@@ -164,6 +195,8 @@ class _Active:
             top=tuple(zip(top_ids, top_values, strict=True)),
             text=text,
             top_text=tuple(self.decode([i]) for i in top_ids),
+            token_bytes=raw,
+            top_bytes=tuple(self.token_bytes(i) for i in top_ids),
         )
 
 
@@ -264,6 +297,8 @@ class MLXEngine(Engine):
         self._available_memory = available_memory
         self._info: ModelInfo | None = None
         self._tokenizer: Any = None
+        self._tool_syntax: ToolSyntax | None = None
+        self._grammars: Any = None
         self._queue: deque[_Slot] = deque()
         self._running: dict[int, _Slot] = {}
         self._jobs: deque[_Job] = deque()
@@ -301,8 +336,12 @@ class MLXEngine(Engine):
         model, tokenizer = await trio.to_thread.run_sync(
             lambda: load_model(local, available=self._available_memory)
         )
+        from ._grammar import Grammars
+
         self._info = local.info
         self._tokenizer = tokenizer
+        self._tool_syntax = ToolSyntax.of(tokenizer)
+        self._grammars = Grammars(tokenizer, self._tool_syntax)
         self._trio_token = trio.lowlevel.current_trio_token()
         self._tokenize_limiter = trio.CapacityLimiter(1)
         self._closed = False
@@ -365,8 +404,8 @@ class MLXEngine(Engine):
         assert self._tokenize_limiter is not None
         self._admitting += 1
         try:
-            prompt = await trio.to_thread.run_sync(
-                self._encode, request, limiter=self._tokenize_limiter
+            prompt, grammar = await trio.to_thread.run_sync(
+                self._prepare, request, limiter=self._tokenize_limiter
             )
         finally:
             self._admitting -= 1
@@ -389,19 +428,35 @@ class MLXEngine(Engine):
             prompt=prompt,
             send=send,
             receive=receive,
+            grammar=grammar,
         )
         self._queue.append(slot)
         self._promote()
         return slot
 
+    def _prepare(self, request: GenerateRequest) -> tuple[list[int], Any]:
+        """In a worker thread: the prompt's tokens and the constraint's grammar matcher."""
+        prompt = self._encode(request)
+        if request.logprobs:
+            self._grammars.prepare_bytes()
+        return prompt, self._grammars.matcher(request)
+
     def _encode(self, request: GenerateRequest) -> list[int]:
         tokenizer = self._tokenizer
+        if request.offers_tools and self._tool_syntax is None:
+            raise InvalidRequest(
+                f"the model {self.info.id!r} cannot call tools: its chat template has no "
+                "tool-call format this server can parse; send the request without tools"
+            )
         if request.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            messages = [m.template_entry() for m in request.messages]
             if tokenizer.has_chat_template:
+                tools = (
+                    [t.template_entry() for t in request.tools] if request.offers_tools else None
+                )
                 try:
                     text = tokenizer.apply_chat_template(
-                        messages, add_generation_prompt=True, tokenize=False
+                        messages, tools=tools, add_generation_prompt=True, tokenize=False
                     )
                 except Exception as exc:
                     raise InvalidRequest(f"the chat template rejected the messages: {exc}") from exc
@@ -421,7 +476,9 @@ class MLXEngine(Engine):
             slot = self._queue.popleft()
             slot.state = "running"
             self._running[slot.number] = slot
-            self._jobs.append(_Job(slot.number, slot.request, slot.request_id, slot.prompt))
+            self._jobs.append(
+                _Job(slot.number, slot.request, slot.request_id, slot.prompt, slot.grammar)
+            )
             promoted = True
         if promoted:
             self._wakeup.set()
@@ -540,6 +597,8 @@ class MLXEngine(Engine):
                             detokenizer=tokenizer.detokenizer,
                             decode=tokenizer.decode,
                             stops=StopBuffer(job.request.stop),
+                            token_bytes=self._grammars.token_bytes,
+                            tools=self._tool_reader(job.request),
                         )
                     if active:
                         self._step(batch, active, uids, outbox)
@@ -556,18 +615,26 @@ class MLXEngine(Engine):
         finally:
             batch.close()
 
+    def _tool_reader(self, request: GenerateRequest) -> ToolCallReader | None:
+        if not request.offers_tools or self._tool_syntax is None:
+            return None
+        return ToolCallReader(self._tool_syntax, [t.template_entry() for t in request.tools])
+
     def _insert(self, batch: Any, job: _Job) -> int:
-        from ._sampling import make_request_processors, make_request_sampler
+        from ._sampling import GrammarProcessor, make_request_processors, make_request_sampler
 
         request = job.request
         seed = request.seed if request.seed is not None else secrets.randbits(63)
         assert self._info is not None
         sampler = make_request_sampler(request, seed=seed, vocab_size=self._info.vocab_size)
+        processors = make_request_processors(request)
+        if job.grammar is not None:
+            processors.append(GrammarProcessor(job.grammar, sorted(self._tokenizer.eos_token_ids)))
         (uid,) = batch.insert(
             [job.prompt],
             max_tokens=[request.max_tokens],
             samplers=[sampler],
-            logits_processors=[make_request_processors(request)],
+            logits_processors=[processors],
         )
         return int(uid)
 

@@ -140,6 +140,10 @@ class EnginePool(Engine):
         """Refuse new requests from now on; running ones continue."""
         self.draining = True
 
+    def resume(self) -> None:
+        """Accept new requests again after `drain()` (the owner left; the node serves again)."""
+        self.draining = False
+
     async def wait_idle(self) -> None:
         """Return when no request is running."""
         while self.in_flight:

@@ -28,8 +28,18 @@ from dbloom.p2p import ErrorCode as WireErrorCode
 from dbloom.p2p import LocalProtocolError as WireLocalProtocolError
 
 from ._errors import EngineError, ErrorCode
-from ._events import Chunk, Final, FinishReason, TokenLogprob
-from ._request import MAX_ID_LENGTH, MAX_TOKEN_ID, ChatMessage, GenerateRequest
+from ._events import MAX_ARGUMENTS_PIECE, Chunk, Final, FinishReason, TokenLogprob, ToolCallDelta
+from ._request import (
+    MAX_ID_LENGTH,
+    MAX_TOKEN_ID,
+    MAX_TOOL_CALLS,
+    TOOL_NAME,
+    ChatMessage,
+    GenerateRequest,
+    ResponseFormat,
+    Tool,
+    ToolCall,
+)
 
 PROTOCOL_ID = "/dbloom/infer/1.0.0"
 VERSION = 1
@@ -41,6 +51,8 @@ MAX_ERROR_MESSAGE = 4096
 MAX_RECEIPT = 16 << 10
 MAX_COUNT = (1 << 32) - 1
 MAX_TOKEN_TEXT = 256
+MAX_TOKEN_BYTES = 1024
+MAX_CHUNK_TOOL_CALLS = 16
 
 _FINISH_REASONS = frozenset(f.value for f in FinishReason)
 _ERROR_CODES = frozenset(c.value for c in ErrorCode)
@@ -63,7 +75,13 @@ _REQUEST_FIELDS = {
     "top_logprobs",
     "id",
     "account",
+    "tools",
+    "tool_choice",
+    "tool_name",
+    "parallel_tool_calls",
+    "format",
 }
+_MESSAGE_FIELDS = frozenset({"tool_calls", "tool_call_id"})
 
 
 class DecodeError(WireDecodeError):
@@ -118,12 +136,21 @@ CLIENT_CLOSED = _Sentinel("CLIENT_CLOSED")
 # ---- encoding -------------------------------------------------------------------------
 
 
+def _chat_message_map(m: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [[c.id, c.name, c.arguments] for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
 def _request_map(r: GenerateRequest) -> dict[str, Any]:
     out: dict[str, Any] = {"v": VERSION, "t": "req", "model": r.model}
     if r.prompt is not None:
         out["prompt"] = r.prompt
     if r.messages is not None:
-        out["messages"] = [{"role": m.role, "content": m.content} for m in r.messages]
+        out["messages"] = [_chat_message_map(m) for m in r.messages]
     out.update(
         max_tokens=r.max_tokens,
         temperature=r.temperature,
@@ -144,6 +171,18 @@ def _request_map(r: GenerateRequest) -> dict[str, Any]:
         out["id"] = r.request_id
     if r.account is not None:
         out["account"] = r.account
+    if r.tools:
+        out["tools"] = [[t.name, t.description, t.parameters] for t in r.tools]
+    if r.tool_choice != "auto":
+        out["tool_choice"] = r.tool_choice
+    if r.tool_name is not None:
+        out["tool_name"] = r.tool_name
+    if not r.parallel_tool_calls:
+        out["parallel_tool_calls"] = False
+    if r.response_format is not None:
+        out["format"] = {"type": r.response_format.kind}
+        if r.response_format.schema is not None:
+            out["format"]["schema"] = r.response_format.schema
     return out
 
 
@@ -159,9 +198,19 @@ def _message_map(message: Message) -> dict[str, Any]:
         }
         if message.logprobs is not None:
             out["logprobs"] = [
-                [lp.token, lp.logprob, [list(pair) for pair in lp.top], lp.text, list(lp.top_text)]
+                [
+                    lp.token,
+                    lp.logprob,
+                    [list(pair) for pair in lp.top],
+                    lp.text,
+                    list(lp.top_text),
+                    lp.token_bytes,
+                    list(lp.top_bytes),
+                ]
                 for lp in message.logprobs
             ]
+        if message.tool_calls:
+            out["tool_calls"] = [[d.index, d.id, d.name, d.arguments] for d in message.tool_calls]
         return out
     if isinstance(message, Final):
         out = {
@@ -227,23 +276,45 @@ def _keys(m: dict[str, Any], required: set[str], optional: Set[str] = frozenset(
         raise DecodeError(f"unknown fields: {sorted(map(str, unknown))}")
 
 
+def _rows(value: Any, width: int, what: str) -> list[list[Any]]:
+    """An array of fixed-width arrays (the compact form of lists of records)."""
+    if not isinstance(value, list) or not all(
+        isinstance(row, list) and len(row) == width for row in value
+    ):
+        raise DecodeError(f"{what} must be an array of {width}-element arrays")
+    return value
+
+
+def _decode_message(item: Any) -> ChatMessage:
+    if not isinstance(item, dict) or not {"role", "content"} <= set(item) <= (
+        {"role", "content"} | _MESSAGE_FIELDS
+    ):
+        raise DecodeError("each message must be a map of role and content (and tool fields)")
+    calls = _rows(item.get("tool_calls", []), 3, "tool_calls")
+    return ChatMessage(
+        role=item["role"],
+        content=item["content"],
+        tool_calls=tuple(ToolCall(id=i, name=n, arguments=a) for i, n, a in calls),
+        tool_call_id=item.get("tool_call_id"),
+    )
+
+
+def _decode_format(value: Any) -> ResponseFormat:
+    if not isinstance(value, dict) or not {"type"} <= set(value) <= {"type", "schema"}:
+        raise DecodeError("format must be a map of type and, for a schema, schema")
+    return ResponseFormat(kind=value["type"], schema=value.get("schema"))
+
+
 def _decode_request(m: dict[str, Any]) -> GenerateRequest:
+    """Shapes are checked here (`DecodeError`); values by the request's own validation,
+    whose `InvalidRequest` becomes a `DecodeError` answered with `invalid_request`."""
     _keys(m, {"v", "t", "model"}, _REQUEST_FIELDS)
-    fields = {
-        k: v for k, v in m.items() if k not in {"v", "t", "id", "messages", "stop", "logit_bias"}
-    }
+    nested = {"v", "t", "id", "messages", "stop", "logit_bias", "tools", "format"}
+    fields = {k: v for k, v in m.items() if k not in nested}
     if "id" in m:
         fields["request_id"] = m["id"]
-    if "messages" in m:
-        raw = m["messages"]
-        if not isinstance(raw, list):
-            raise DecodeError("messages must be an array", ErrorCode.INVALID_REQUEST)
-        messages = []
-        for item in raw:
-            if not isinstance(item, dict) or set(item) != {"role", "content"}:
-                raise DecodeError("each message must be a map of role and content")
-            messages.append((item["role"], item["content"]))
-        fields["messages"] = messages
+    if "messages" in m and not isinstance(m["messages"], list):
+        raise DecodeError("messages must be an array", ErrorCode.INVALID_REQUEST)
     if "stop" in m:
         if not isinstance(m["stop"], list):
             raise DecodeError("stop must be an array", ErrorCode.INVALID_REQUEST)
@@ -253,10 +324,15 @@ def _decode_request(m: dict[str, Any]) -> GenerateRequest:
             raise DecodeError("logit_bias must be a map", ErrorCode.INVALID_REQUEST)
         fields["logit_bias"] = tuple(m["logit_bias"].items())
     try:
-        if "messages" in fields:
-            fields["messages"] = tuple(
-                ChatMessage(role=role, content=content) for role, content in fields["messages"]
+        if "messages" in m:
+            fields["messages"] = tuple(_decode_message(item) for item in m["messages"])
+        if "tools" in m:
+            fields["tools"] = tuple(
+                Tool(name=name, description=description, parameters=parameters)
+                for name, description, parameters in _rows(m["tools"], 3, "tools")
             )
+        if "format" in m:
+            fields["response_format"] = _decode_format(m["format"])
         return GenerateRequest(**fields)
     except EngineError as exc:
         raise DecodeError(exc.message, ErrorCode.INVALID_REQUEST) from None
@@ -267,9 +343,24 @@ def _decode_logprobs(raw: Any, n_tokens: int) -> tuple[TokenLogprob, ...]:
         raise DecodeError("logprobs must have one entry per token")
     out = []
     for entry in raw:
-        if not isinstance(entry, list) or len(entry) != 5 or not isinstance(entry[2], list):
-            raise DecodeError("a logprob entry is [token, logprob, top, text, top_text]")
-        token, logprob, top_raw, text, top_text = entry
+        if (
+            not isinstance(entry, list)
+            or len(entry) not in (5, 7)
+            or not isinstance(entry[2], list)
+        ):
+            raise DecodeError(
+                "a logprob entry is [token, logprob, top, text, top_text(, bytes, top_bytes)]"
+            )
+        token, logprob, top_raw, text, top_text = entry[:5]
+        token_bytes, top_bytes = (entry[5], entry[6]) if len(entry) == 7 else (b"", [])
+        if (
+            type(token_bytes) is not bytes
+            or len(token_bytes) > MAX_TOKEN_BYTES
+            or not isinstance(top_bytes, list)
+            or len(top_bytes) not in (0, len(top_raw))
+            or not all(type(b) is bytes and len(b) <= MAX_TOKEN_BYTES for b in top_bytes)
+        ):
+            raise DecodeError("bad token bytes in logprobs")
         if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID or len(top_raw) > 64:
             raise DecodeError("bad logprob entry")
         if (
@@ -294,13 +385,33 @@ def _decode_logprobs(raw: Any, n_tokens: int) -> tuple[TokenLogprob, ...]:
                 top=tuple(top),
                 text=text,
                 top_text=tuple(top_text),
+                token_bytes=token_bytes,
+                top_bytes=tuple(top_bytes),
             )
         )
     return tuple(out)
 
 
+def _decode_tool_calls(raw: Any) -> tuple[ToolCallDelta, ...]:
+    rows = _rows(raw, 4, "tool_calls")
+    if len(rows) > MAX_CHUNK_TOOL_CALLS:
+        raise DecodeError(f"a chunk holds at most {MAX_CHUNK_TOOL_CALLS} tool call pieces")
+    out = []
+    for index, call_id, name, arguments in rows:
+        if type(index) is not int or not 0 <= index < MAX_TOOL_CALLS:
+            raise DecodeError(f"a tool call index must be in [0, {MAX_TOOL_CALLS})")
+        if type(call_id) is not str or len(call_id) > MAX_ID_LENGTH:
+            raise DecodeError("bad tool call id")
+        if type(name) is not str or (name and TOOL_NAME.fullmatch(name) is None):
+            raise DecodeError("bad tool call name")
+        if type(arguments) is not str or len(arguments) > MAX_ARGUMENTS_PIECE:
+            raise DecodeError(f"tool call arguments come in pieces of {MAX_ARGUMENTS_PIECE}")
+        out.append(ToolCallDelta(index=index, id=call_id, name=name, arguments=arguments))
+    return tuple(out)
+
+
 def _decode_chunk(m: dict[str, Any]) -> Chunk:
-    _keys(m, {"v", "t", "text", "tokens"}, {"logprobs"})
+    _keys(m, {"v", "t", "text", "tokens"}, {"logprobs", "tool_calls"})
     text = _str(m, "text", DEFAULT_MAX_CHUNK)
     tokens = m["tokens"]
     if not isinstance(tokens, list) or len(tokens) > MAX_CHUNK_TOKENS:
@@ -308,7 +419,8 @@ def _decode_chunk(m: dict[str, Any]) -> Chunk:
     if any(type(t) is not int or not 0 <= t <= MAX_TOKEN_ID for t in tokens):
         raise DecodeError("tokens must be token ids")
     logprobs = _decode_logprobs(m["logprobs"], len(tokens)) if "logprobs" in m else None
-    return Chunk(text=text, token_ids=tuple(tokens), logprobs=logprobs)
+    calls = _decode_tool_calls(m["tool_calls"]) if "tool_calls" in m else ()
+    return Chunk(text=text, token_ids=tuple(tokens), logprobs=logprobs, tool_calls=calls)
 
 
 def _decode_final(m: dict[str, Any]) -> Final:
@@ -316,7 +428,7 @@ def _decode_final(m: dict[str, Any]) -> Final:
     request_id = _str(m, "id", MAX_ID_LENGTH)
     finish = m["finish"]
     if type(finish) is not str or finish not in _FINISH_REASONS:
-        raise DecodeError("finish must be stop, length or cancelled")
+        raise DecodeError(f"finish must be one of {sorted(_FINISH_REASONS)}")
     receipt = m.get("receipt")
     if receipt is not None and (type(receipt) is not bytes or len(receipt) > MAX_RECEIPT):
         raise DecodeError(f"receipt must be at most {MAX_RECEIPT} bytes")

@@ -7,7 +7,9 @@ the field. Checks that need the model (context length, vocabulary) happen in the
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +27,17 @@ MAX_ID_LENGTH = 128
 ACCOUNT_KEY_SIZE = 32
 MAX_SEED = (1 << 63) - 1
 MAX_TOKEN_ID = (1 << 31) - 1
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 128
+MAX_TOOL_NAME = 64
+MAX_DESCRIPTION = 8192
+MAX_SCHEMA = 128 << 10
+MAX_ARGUMENTS = 256 << 10
+TOOL_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_TOOL_NAME}}}")
+"""OpenAI's rule for function names; chat templates and parsers can rely on it."""
+TOOL_CHOICES = frozenset({"auto", "none", "required"})
+FORMAT_KINDS = frozenset({"json_object", "json_schema"})
+EMPTY_PARAMETERS = '{"type":"object","properties":{}}'
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
@@ -63,18 +76,147 @@ def _check_str(name: str, value: object, *, min_len: int = 0, max_len: int | Non
     return value
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_json_object(name: str, value: object, max_len: int) -> dict[str, Any]:
+    """JSON text that must hold an object (a schema); NaN and Infinity are not JSON."""
+    text = _check_str(name, value, min_len=2, max_len=max_len)
+    try:
+        parsed = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise InvalidRequest(f"{name} is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequest(f"{name} must be a JSON object")
+    return parsed
+
+
+def _check_tool_name(name: str, value: object) -> str:
+    text = _check_str(name, value)
+    if TOOL_NAME.fullmatch(text) is None:
+        raise InvalidRequest(
+            f"{name} must be 1..{MAX_TOOL_NAME} letters, digits, underscores or dashes"
+        )
+    return text
+
+
+def _check_tuple(name: str, value: object, kind: type, limit: int) -> tuple[Any, ...]:
+    if not isinstance(value, tuple | list) or not all(isinstance(v, kind) for v in value):
+        raise InvalidRequest(f"{name} must be a sequence of {kind.__name__}")
+    if len(value) > limit:
+        raise InvalidRequest(f"{name} may hold at most {limit} entries")
+    return tuple(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tool:
+    """A function the model may call: its name, what it does, and a JSON Schema (as JSON
+    text, so the request stays immutable) for its arguments."""
+
+    name: str
+    description: str = ""
+    parameters: str = EMPTY_PARAMETERS
+
+    def __post_init__(self) -> None:
+        _check_tool_name("tool name", self.name)
+        _check_str("tool description", self.description, max_len=MAX_DESCRIPTION)
+        _check_json_object("tool parameters", self.parameters, MAX_SCHEMA)
+
+    def template_entry(self) -> dict[str, Any]:
+        """The tool as chat templates expect it: OpenAI's `{"type": "function", ...}`."""
+        function: dict[str, Any] = {"name": self.name}
+        if self.description:
+            function["description"] = self.description
+        function["parameters"] = json.loads(self.parameters)
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCall:
+    """A call the assistant made in an earlier turn, replayed so the template can show it.
+
+    `arguments` is JSON text as the model wrote it (OpenAI passes it as a string).
+    """
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+    def __post_init__(self) -> None:
+        _check_str("tool call id", self.id, min_len=1, max_len=MAX_ID_LENGTH)
+        _check_tool_name("tool call name", self.name)
+        _check_str("tool call arguments", self.arguments, max_len=MAX_ARGUMENTS)
+
+    def template_entry(self) -> dict[str, Any]:
+        """The call as chat templates expect it; arguments that are a JSON object are given
+        parsed, since templates render them with `tojson`."""
+        try:
+            arguments: Any = json.loads(self.arguments, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            arguments = self.arguments
+        if not isinstance(arguments, dict):
+            arguments = self.arguments
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": arguments},
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResponseFormat:
+    """Structured output: any JSON object (`json_object`), or JSON valid against `schema`
+    (`json_schema`, the schema as JSON text). The node enforces it while decoding."""
+
+    kind: str
+    schema: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_str("response format", self.kind)
+        if self.kind not in FORMAT_KINDS:
+            raise InvalidRequest(f"response format must be one of {sorted(FORMAT_KINDS)}")
+        if (self.kind == "json_schema") != (self.schema is not None):
+            raise InvalidRequest("a json_schema response format needs a schema, and only it")
+        if self.schema is not None:
+            _check_json_object("response format schema", self.schema, MAX_SCHEMA)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChatMessage:
-    """One turn of a chat; the model's chat template turns these into a prompt."""
+    """One turn of a chat; the model's chat template turns these into a prompt.
+
+    An assistant turn may carry the `tool_calls` it made; a `tool` turn answers one of
+    them and names it with `tool_call_id`.
+    """
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     def __post_init__(self) -> None:
         _check_str("role", self.role)
         if self.role not in ROLES:
             raise InvalidRequest(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
         _check_str("content", self.content)
+        calls = _check_tuple("tool_calls", self.tool_calls, ToolCall, MAX_TOOL_CALLS)
+        object.__setattr__(self, "tool_calls", calls)
+        if calls and self.role != "assistant":
+            raise InvalidRequest("only assistant messages carry tool_calls")
+        if self.tool_call_id is not None:
+            if self.role != "tool":
+                raise InvalidRequest("only tool messages carry a tool_call_id")
+            _check_str("tool_call_id", self.tool_call_id, min_len=1, max_len=MAX_ID_LENGTH)
+
+    def template_entry(self) -> dict[str, Any]:
+        """The message as chat templates expect it (OpenAI's shape)."""
+        entry: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            entry["tool_calls"] = [call.template_entry() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            entry["tool_call_id"] = self.tool_call_id
+        return entry
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +228,11 @@ class GenerateRequest:
     request stays immutable and hashable. `request_id` is set by the client when it
     wants to name the request (receipts quote it); the engine assigns one otherwise.
     `account` is the client's 32-byte Ed25519 account key, named in the node's receipt.
+
+    `tools` are passed to the chat template; `tool_choice` is `auto` (the model decides),
+    `none` (no tools are offered) or `required` (decoding is constrained to tool calls, to
+    `tool_name` alone when it is set); `parallel_tool_calls` false allows one call.
+    `response_format` constrains decoding to JSON.
     """
 
     model: str
@@ -106,6 +253,11 @@ class GenerateRequest:
     top_logprobs: int = 0
     request_id: str | None = None
     account: bytes | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         _check_str("model", self.model, min_len=1, max_len=256)
@@ -136,6 +288,11 @@ class GenerateRequest:
             not isinstance(self.account, bytes) or len(self.account) != ACCOUNT_KEY_SIZE
         ):
             raise InvalidRequest(f"account must be a {ACCOUNT_KEY_SIZE}-byte public key")
+        self._validate_tools()
+        if self.response_format is not None and not isinstance(
+            self.response_format, ResponseFormat
+        ):
+            raise InvalidRequest("response_format must be a ResponseFormat")
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -180,6 +337,31 @@ class GenerateRequest:
         if len(pairs) > MAX_LOGIT_BIAS:
             raise InvalidRequest(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries")
         self._set("logit_bias", tuple(sorted(pairs.items())))
+
+    def _validate_tools(self) -> None:
+        tools = _check_tuple("tools", self.tools, Tool, MAX_TOOLS)
+        self._set("tools", tools)
+        names = {tool.name for tool in tools}
+        if len(names) != len(tools):
+            raise InvalidRequest("tool names must be unique")
+        if tools and self.messages is None:
+            raise InvalidRequest("tools need messages: only a chat template can offer them")
+        _check_str("tool_choice", self.tool_choice)
+        if self.tool_choice not in TOOL_CHOICES:
+            raise InvalidRequest(f"tool_choice must be one of {sorted(TOOL_CHOICES)}")
+        if self.tool_choice == "required" and not tools:
+            raise InvalidRequest("tool_choice 'required' needs tools")
+        if self.tool_name is not None:
+            _check_tool_name("tool_name", self.tool_name)
+            if self.tool_choice != "required" or self.tool_name not in names:
+                raise InvalidRequest("tool_name must name one of the tools, with 'required'")
+        if type(self.parallel_tool_calls) is not bool:
+            raise InvalidRequest("parallel_tool_calls must be a boolean")
+
+    @property
+    def offers_tools(self) -> bool:
+        """Tools are passed to the template and calls are parsed from the output."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def greedy(self) -> bool:

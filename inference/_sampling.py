@@ -1,5 +1,8 @@
 """Per-request samplers and logits processors for mlx-lm's `BatchGenerator`.
 
+A constrained request (JSON output, forced tool calls) also gets a `GrammarProcessor`,
+which masks every token its grammar does not allow.
+
 Filters (top-p, min-p, top-k) and penalties are mlx-lm's own. The final draw is not
 `make_sampler`'s: that one takes from MLX's global PRNG, which every request in the batch
 shares, so a seeded request would depend on its neighbours. Here each sampled request
@@ -9,9 +12,11 @@ prompt give the same tokens whatever else is running.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
@@ -65,3 +70,32 @@ def make_request_processors(request: GenerateRequest) -> list[LogitsProcessor]:
             frequency_penalty=request.frequency_penalty or None,
         )
     )
+
+
+class GrammarProcessor:
+    """The logits processor of one constrained request (mlx-lm's `(tokens, logits)` shape).
+
+    mlx-lm first calls it with the prompt as `tokens`, then once per step with the token
+    sampled last appended, so every call after the first feeds that token to the matcher.
+    A matcher in an error state (a bug, never a client's doing) allows only the end.
+    `matcher` is an `llguidance.LLMatcher`.
+    """
+
+    def __init__(self, matcher: Any, eos: Sequence[int]) -> None:
+        self._matcher = matcher
+        self._eos = list(eos)
+        self._started = False
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        matcher = self._matcher
+        if self._started:
+            matcher.consume_token(tokens[-1].item())
+        self._started = True
+        width = logits.shape[-1]
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
+        allowed = np.zeros(width, dtype=np.bool_)
+        allowed[: min(width, bits.size)] = bits[:width]
+        if matcher.is_error() or not allowed.any():
+            allowed[:] = False
+            allowed[[t for t in self._eos if t < width]] = True
+        return mx.where(mx.array(allowed), logits, -mx.inf)

@@ -4,6 +4,10 @@ There is no network for weights in CI, so tests generate their own model: a seed
 deterministic llama (`mlx_lm.models.llama.Model`) saved with `mx.save_safetensors`,
 and a byte-level BPE tokenizer trained on a few embedded sentences. `mlx_lm.load()`
 loads the folder like any other model; the text it produces is meaningless.
+
+The chat template offers tools the way Qwen and Hermes models do (`<tool_call>` special
+tokens around `{"name": ..., "arguments": ...}`), so mlx-lm gives the tokenizer its JSON
+tool parser and tool calling can be tested end to end.
 """
 
 from __future__ import annotations
@@ -19,11 +23,29 @@ if TYPE_CHECKING:
 TinySize = Literal["tiny", "small"]
 
 EOS_TOKEN = "<|endoftext|>"
-SPECIAL_TOKENS = (EOS_TOKEN, "<|system|>", "<|user|>", "<|assistant|>")
+TOOL_CALL_START = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
+SPECIAL_TOKENS = (
+    EOS_TOKEN,
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|tool|>",
+    TOOL_CALL_START,
+    TOOL_CALL_END,
+)
 
 CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>\nYou may call these tools:\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    'To call one, answer <tool_call>\n{"name": <tool_call.name>, "arguments": <object>}'
+    "\n</tool_call>\n{% endif %}"
     "{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% if message.tool_calls %}{% for call in message.tool_calls %}"
+    "{% set tool_call = call.function %}<tool_call>\n"
+    '{"name": {{ tool_call.name | tojson }}, "arguments": {{ tool_call.arguments | tojson }}}'
+    "\n</tool_call>\n{% endfor %}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

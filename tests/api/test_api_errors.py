@@ -101,8 +101,8 @@ WRONG = [
         "stream_options.include_usage",
     ),
     (CHAT, {"messages": USER, "n": 2}, "n"),
-    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, "tools"),
-    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, "tools[0].function"),
+    (CHAT, {"messages": USER, "response_format": {"type": "xml"}}, "response_format.type"),
     (CHAT, {"messages": USER, "model": 5}, "model"),
     (CHAT, {"messages": USER, "model": None}, "model"),
     (COMPLETIONS, {"prompt": [1, 2]}, "prompt"),
@@ -113,7 +113,8 @@ WRONG = [
     (COMPLETIONS, {"prompt": "a", "best_of": 3}, "best_of"),
     (COMPLETIONS, {"prompt": "a", "n": 3}, "n"),
     (RESPONSES, {"input": 5}, "input"),
-    (RESPONSES, {"input": [{"type": "function_call", "role": "user"}]}, "input[0].type"),
+    (RESPONSES, {"input": [{"type": "reasoning", "role": "user"}]}, "input[0].type"),
+    (RESPONSES, {"input": [{"type": "function_call", "role": "user"}]}, "input[0].call_id"),
     (
         RESPONSES,
         {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
@@ -122,7 +123,7 @@ WRONG = [
     (RESPONSES, {"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
     (RESPONSES, {"input": "hi", "max_output_tokens": -1}, "max_output_tokens"),
     (RESPONSES, {"input": "hi", "instructions": ["x"]}, "instructions"),
-    (RESPONSES, {"input": "hi", "text": {"format": {"type": "json_schema"}}}, "text.format"),
+    (RESPONSES, {"input": "hi", "text": {"format": {"type": "json_schema"}}}, "text.format.name"),
 ]
 
 

@@ -74,6 +74,7 @@ async def test_peer_and_shim_processes_answer_an_openai_client(tmp_path: Path) -
                 "-b",
                 boot_addr,
                 "--no-benchmark",
+                "--always-on",
                 "--price-out",
                 "0.5",
             ],

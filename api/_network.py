@@ -61,6 +61,7 @@ FIRST_ITEM_TIMEOUT = 60.0
 MAX_ATTEMPTS = 3
 PROVIDERS_WANTED = 20
 RECEIPT_ID_SIZE = 16
+SALT_SIZE = 16
 _Found = tuple[PeerId, NodeRecord, tuple[Multiaddr, ...]]
 _NODE_FAILURES = (
     AttestationError,
@@ -186,9 +187,13 @@ class _RemoteGeneration(Generation):
     def __init__(self, engine: NetworkEngine, request: GenerateRequest) -> None:
         self._engine = engine
         self._receipt_id = secrets.token_bytes(RECEIPT_ID_SIZE)
+        self._salt = secrets.token_bytes(SALT_SIZE)
         if engine.account is not None:
             request = replace(
-                request, request_id=self._receipt_id.hex(), account=engine.account.public_key.data
+                request,
+                request_id=self._receipt_id.hex(),
+                account=engine.account.public_key.data,
+                salt=self._salt,
             )
         self._request = request
         self._terms: Terms | None = None
@@ -274,6 +279,7 @@ class _RemoteGeneration(Generation):
             model=self._request.model,
             price_in=candidate.offer.price_in,
             price_out=candidate.offer.price_out,
+            salt=self._salt,
         )
         engine.router.succeeded(candidate.peer, trio.current_time() - began)
 

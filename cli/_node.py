@@ -437,7 +437,7 @@ class PeerNode:
             ),
             started_ms=started_ms,
             finished_ms=finished_ms,
-            tokens_digest=tokens_digest(token_ids),
+            tokens_digest=tokens_digest(token_ids, request.salt or b""),
         )
         return sign_as_node(body, self.identity)
 

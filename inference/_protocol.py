@@ -75,6 +75,7 @@ _REQUEST_FIELDS = {
     "top_logprobs",
     "id",
     "account",
+    "salt",
     "tools",
     "tool_choice",
     "tool_name",
@@ -171,6 +172,8 @@ def _request_map(r: GenerateRequest) -> dict[str, Any]:
         out["id"] = r.request_id
     if r.account is not None:
         out["account"] = r.account
+    if r.salt is not None:
+        out["salt"] = r.salt
     if r.tools:
         out["tools"] = [[t.name, t.description, t.parameters] for t in r.tools]
     if r.tool_choice != "auto":

@@ -25,6 +25,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_MESSAGES = 4096
 MAX_ID_LENGTH = 128
 ACCOUNT_KEY_SIZE = 32
+SALT_SIZE = 16
 MAX_SEED = (1 << 63) - 1
 MAX_TOKEN_ID = (1 << 31) - 1
 MAX_TOOLS = 128
@@ -227,7 +228,8 @@ class GenerateRequest:
     may be given as a mapping and is stored as sorted `(token_id, bias)` pairs so the
     request stays immutable and hashable. `request_id` is set by the client when it
     wants to name the request (receipts quote it); the engine assigns one otherwise.
-    `account` is the client's 32-byte Ed25519 account key, named in the node's receipt.
+    `account` is the client's 32-byte Ed25519 account key, named in the node's receipt;
+    `salt` keys the receipt's digest of the tokens so that only the two parties can check it.
 
     `tools` are passed to the chat template; `tool_choice` is `auto` (the model decides),
     `none` (no tools are offered) or `required` (decoding is constrained to tool calls, to
@@ -253,6 +255,7 @@ class GenerateRequest:
     top_logprobs: int = 0
     request_id: str | None = None
     account: bytes | None = None
+    salt: bytes | None = None
     tools: tuple[Tool, ...] = ()
     tool_choice: str = "auto"
     tool_name: str | None = None
@@ -288,6 +291,10 @@ class GenerateRequest:
             not isinstance(self.account, bytes) or len(self.account) != ACCOUNT_KEY_SIZE
         ):
             raise InvalidRequest(f"account must be a {ACCOUNT_KEY_SIZE}-byte public key")
+        if self.salt is not None and (
+            not isinstance(self.salt, bytes) or len(self.salt) != SALT_SIZE
+        ):
+            raise InvalidRequest(f"salt must be {SALT_SIZE} bytes")
         self._validate_tools()
         if self.response_format is not None and not isinstance(
             self.response_format, ResponseFormat

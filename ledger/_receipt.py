@@ -90,17 +90,19 @@ def compute_amount(
 MAX_AMOUNT = compute_amount(MAX_TOKENS - 1, MAX_TOKENS - 1, MAX_PRICE_MICRO, MAX_PRICE_MICRO)
 
 
-def tokens_digest(token_ids: Sequence[int]) -> bytes:
-    """SHA-256 of `TOKENS_DOMAIN` and each token id as 4 bytes big-endian, in order.
+def tokens_digest(token_ids: Sequence[int], salt: bytes = b"") -> bytes:
+    """SHA-256 of `TOKENS_DOMAIN`, the request's salt, and each token id (4 bytes, big-endian).
 
     Both sides compute it over the completion tokens, so a node cannot bill for tokens
-    the client never received without the client noticing.
+    the client never received without the client noticing. The salt is a random value
+    the client sends inside the encrypted request: receipts are gossiped to every
+    ledger, and an unsalted digest would let anyone confirm a guessed short output.
     """
     try:
         packed = struct.pack(f">{len(token_ids)}I", *token_ids)
     except struct.error:
         raise ValueError("token ids must be integers in [0, 2^32)") from None
-    return hashlib.sha256(TOKENS_DOMAIN + packed).digest()
+    return hashlib.sha256(TOKENS_DOMAIN + salt + packed).digest()
 
 
 class ReceiptError(DecodeError):
@@ -335,6 +337,7 @@ class Terms:
     model: str
     price_in: int
     price_out: int
+    salt: bytes = b""
 
 
 def disagreements(
@@ -360,7 +363,7 @@ def disagreements(
         )
         if got != want
     ]
-    if body.tokens_digest != tokens_digest(received_tokens):
+    if body.tokens_digest != tokens_digest(received_tokens, terms.salt):
         problems.append("tokens_digest does not match the tokens received")
     amount = compute_amount(body.prompt_tokens, received, terms.price_in, terms.price_out)
     if body.amount != amount:
@@ -389,7 +392,7 @@ def countersign(
     status = Status.OK
     if disagreements(node_receipt, received_tokens=received_tokens, terms=terms):
         status = Status.DISPUTED
-        observed = Observed(len(received_tokens), tokens_digest(received_tokens))
+        observed = Observed(len(received_tokens), tokens_digest(received_tokens, terms.salt))
     unsigned = Receipt(body, node_receipt.node_sig, status, observed, b"")
     signature = client_key.sign(unsigned.client_message())
     return Receipt(body, node_receipt.node_sig, status, observed, signature).encode()

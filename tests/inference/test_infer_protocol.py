@@ -343,3 +343,15 @@ def test_round_trip_property(
         ),
     ):
         assert decode_payload(encode_message(message, max_size=BIG)[4:]) == message
+
+
+def test_receipt_fields_round_trip_and_are_checked() -> None:
+    request = GenerateRequest(
+        model="tiny", prompt="x", request_id="ab" * 16, account=b"k" * 32, salt=b"s" * 16
+    )
+    assert decode_payload(encode_message(request, max_size=1 << 20)[4:]) == request
+    for bad in ({"salt": b"short"}, {"account": b"k"}, {"salt": "text"}):
+        body = msgpack.unpackb(encode_message(request, max_size=1 << 20)[4:])
+        body.update(bad)
+        with pytest.raises(DecodeError):
+            decode_payload(msgpack.packb(body))

@@ -495,3 +495,13 @@ def test_mutated_node_receipts_are_refused_or_unchanged(raw: bytes) -> None:
     except ReceiptError:
         return
     assert raw == VALID_NODE
+
+
+def test_the_tokens_digest_is_keyed_by_the_request_salt() -> None:
+    salted = tokens_digest(TOKENS, b"\x01" * 16)
+    assert salted != tokens_digest(TOKENS) and salted != tokens_digest(TOKENS, b"\x02" * 16)
+    body = body_for(tokens_digest=salted)
+    node_receipt = decode_node_receipt(sign_as_node(body, NODE))
+    terms = dataclasses.replace(terms_for(body), salt=b"\x01" * 16)
+    assert disagreements(node_receipt, received_tokens=TOKENS, terms=terms) == []
+    assert disagreements(node_receipt, received_tokens=TOKENS, terms=terms_for(body))

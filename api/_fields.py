@@ -10,7 +10,7 @@ as OpenAI does.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dbloom.inference import (
@@ -388,3 +388,17 @@ def build_request(
         )
     except InvalidRequest as exc:
         raise invalid(exc.message) from None
+
+
+def function_tools(fields: Fields) -> Iterator[Fields]:
+    """Each entry of `tools`; any type but `function` is refused (a node only runs functions)."""
+    for index, item in enumerate(fields.array("tools") or []):
+        tool = Fields(item, f"tools[{index}]")
+        kind = tool.required_string("type")
+        if kind != "function":
+            raise invalid(
+                f"tools of type {kind!r} are not supported; send functions",
+                param=tool.param("type"),
+                code="unsupported_parameter",
+            )
+        yield tool

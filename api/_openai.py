@@ -29,6 +29,7 @@ from ._fields import (
     build_request,
     chat_message,
     function_tool,
+    function_tools,
     reject_unsupported,
     response_format,
     sampling,
@@ -134,15 +135,7 @@ def _chat_messages(fields: Fields) -> tuple[ChatMessage, ...]:
 def _chat_tools(fields: Fields) -> Features:
     """`tools` (functions only), `tool_choice`, `parallel_tool_calls` and `response_format`."""
     tools: list[Tool] = []
-    for index, item in enumerate(fields.array("tools") or []):
-        tool = Fields(item, f"tools[{index}]")
-        kind = tool.required_string("type")
-        if kind != "function":
-            raise invalid(
-                f"tools of type {kind!r} are not supported; send functions",
-                param=tool.param("type"),
-                code="unsupported_parameter",
-            )
+    for tool in function_tools(fields):
         function = tool.nested("function")
         if function is None:
             raise invalid(f"{tool.param('function')} is required", tool.param("function"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dbloom.inference import ChatMessage, Chunk, Final, FinishReason, GenerateRequest, Tool
+from dbloom.inference import ChatMessage, Chunk, Final, FinishReason, GenerateRequest
 
 from ._call import Call, CalledTool
 from ._errors import ApiError, invalid
@@ -23,6 +23,7 @@ from ._fields import (
     build_request,
     chat_message,
     function_tool,
+    function_tools,
     reject_unsupported,
     response_format,
     sampling,
@@ -100,17 +101,7 @@ def _named_function(choice: Fields) -> str:
 
 def _features(fields: Fields) -> Features:
     """`tools` (functions only), `tool_choice`, `parallel_tool_calls` and `text.format`."""
-    tools: list[Tool] = []
-    for index, item in enumerate(fields.array("tools") or []):
-        tool = Fields(item, f"tools[{index}]")
-        kind = tool.required_string("type")
-        if kind != "function":
-            raise invalid(
-                f"tools of type {kind!r} are not supported; send functions",
-                param=tool.param("type"),
-                code="unsupported_parameter",
-            )
-        tools.append(function_tool(tool))
+    tools = [function_tool(tool) for tool in function_tools(fields)]
     features = tool_features(fields, tuple(tools), _named_function)
     text = fields.nested("text")
     text_format = text.nested("format") if text is not None else None

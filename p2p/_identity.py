@@ -113,6 +113,15 @@ class PeerId:
 
     multihash: bytes
 
+    # Peer ids key every table and set; the generated methods build a tuple per call.
+    def __hash__(self) -> int:
+        return hash(self.multihash)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PeerId):
+            return self.multihash == other.multihash
+        return NotImplemented
+
     @classmethod
     def from_public_key(cls, key: PublicKey) -> PeerId:
         """Derive the peer id of a public key (identity multihash when small enough)."""

@@ -17,7 +17,9 @@ from ._messages import KadMessage as KadMessage
 from ._messages import MessageType as MessageType
 from ._messages import PeerInfo as PeerInfo
 from ._messages import Record as Record
+from ._responder import KadResponder as KadResponder
 from ._seed import seed_routing_tables as seed_routing_tables
+from ._seed import settled_neighbours as settled_neighbours
 from ._store import NodeRecordValidator as NodeRecordValidator
 from ._store import ProviderStore as ProviderStore
 from ._store import RecordRejected as RecordRejected

@@ -35,12 +35,12 @@ from ._keys import common_prefix_length, kad_key, node_record_key, peer_key
 from ._lookup import Finished, Lookup, Query, Waiting
 from ._messages import (
     DEFAULT_MAX_MESSAGE,
-    ConnectionType,
     KadMessage,
     MessageType,
     PeerInfo,
     Record,
 )
+from ._responder import KadResponder
 from ._store import NodeRecordValidator, ProviderStore, RecordRejected, RecordStore, Validator
 from ._table import Pending, RoutingTable
 
@@ -112,6 +112,14 @@ class KademliaDHT:
             validators or {"dbloom": NodeRecordValidator()}, record_ttl=self.config.record_ttl
         )
         self.providers = ProviderStore(ttl=self.config.provider_ttl)
+        self.responder = KadResponder(
+            self.table,
+            self.records,
+            self.providers,
+            k=self.config.k,
+            addrs_of=self._known_addrs,
+            is_connected=lambda peer: host.connection(peer) is not None,
+        )
         self._provided: set[bytes] = set()
         self._own_records: dict[bytes, bytes] = {}
         self._record_seq = 0
@@ -251,71 +259,12 @@ class KademliaDHT:
                 request = await _read_message(stream, reader, self.config.max_message)
             if idle.cancelled_caught or request is None:
                 return
-            reply = self._answer(peer, request)
+            reply = self.responder.answer(peer, request, trio.current_time())
             if reply is not None:
                 await stream.send_all(encode_frame(reply.to_bytes()))
 
-    def _answer(self, sender: PeerId, request: KadMessage) -> KadMessage | None:
-        kind = request.type
-        now = trio.current_time()
-        if kind is MessageType.PING:
-            return KadMessage(type=MessageType.PING)
-        if kind is MessageType.FIND_NODE:
-            return KadMessage(
-                type=kind, key=request.key, closer_peers=self._closer(kad_key(request.key), sender)
-            )
-        if kind is MessageType.GET_VALUE:
-            value = self.records.get(request.key, now)
-            record = Record(key=request.key, value=value) if value is not None else None
-            return KadMessage(
-                type=kind,
-                key=request.key,
-                record=record,
-                closer_peers=self._closer(kad_key(request.key), sender),
-            )
-        if kind is MessageType.PUT_VALUE:
-            assert request.record is not None  # the decoder insists on it
-            try:
-                self.records.put(request.key, request.record.value, from_peer=sender, now=now)
-            except RecordRejected as exc:
-                log.info("refused a record from %s: %s", sender, exc.reason)
-                raise DecodeError(f"record refused: {exc.reason}") from None
-            return request
-        if kind is MessageType.ADD_PROVIDER:
-            for provider in request.provider_peers:
-                if provider.peer_id != sender:
-                    continue
-                addrs = provider.addrs or tuple(self.host.peerstore.addrs(sender, now))
-                try:
-                    self.providers.add(request.key, PeerInfo(peer_id=sender, addrs=addrs), now)
-                except RecordRejected as exc:
-                    log.info("refused a provider record from %s: %s", sender, exc.reason)
-            return None
-        if kind is MessageType.GET_PROVIDERS:
-            return KadMessage(
-                type=kind,
-                key=request.key,
-                provider_peers=tuple(self.providers.get(request.key, now, limit=self.config.k)),
-                closer_peers=self._closer(kad_key(request.key), sender),
-            )
-        raise DecodeError(f"unsupported kad message type {kind}")
-
-    def _closer(self, target: bytes, asker: PeerId) -> tuple[PeerInfo, ...]:
-        now = trio.current_time()
-        out = []
-        for entry in self.table.closest(target, self.config.k, exclude={asker}):
-            addrs = tuple(self.host.peerstore.addrs(entry.peer, now)) or entry.addrs
-            connected = self.host.connection(entry.peer) is not None
-            out.append(
-                PeerInfo(
-                    peer_id=entry.peer,
-                    addrs=addrs,
-                    connection=ConnectionType.CONNECTED
-                    if connected
-                    else ConnectionType.CAN_CONNECT,
-                )
-            )
-        return tuple(out)
+    def _known_addrs(self, peer: PeerId) -> tuple[Multiaddr, ...]:
+        return tuple(self.host.peerstore.addrs(peer, trio.current_time()))
 
     # ---- the routing table -----------------------------------------------------------
 
@@ -356,6 +305,10 @@ class KademliaDHT:
             await stream.send_all(encode_frame(request.to_bytes()))
             if request.type is MessageType.ADD_PROVIDER:
                 await stream.send_eof()
+                # Wait for the responder's EOF: closing now would reset the stream if its
+                # multistream echo already arrived, and the reset can drop our request unread.
+                while await stream.receive_some():
+                    pass
                 return None
             reader = FrameReader(max_size=self.config.max_message)
             reply = await _read_message(stream, reader, self.config.max_message)
@@ -464,7 +417,7 @@ class KademliaDHT:
     def _self_info(self) -> PeerInfo:
         return PeerInfo(
             peer_id=self.host.peer_id,
-            addrs=tuple(addr.without_peer_id() for addr in self.host.listen_addrs),
+            addrs=tuple(addr.without_peer_id() for addr in self.host.advertised_addrs),
         )
 
     async def provide(self, key: bytes) -> int:

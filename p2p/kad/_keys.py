@@ -7,6 +7,7 @@ who is close to what.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Final
 
@@ -22,8 +23,9 @@ def kad_key(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def peer_key(peer: PeerId) -> bytes:
-    """Where a peer sits in the keyspace."""
+    """Where a peer sits in the keyspace (cached: tables and lookups ask again and again)."""
     return hashlib.sha256(peer.multihash).digest()
 
 

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Packages checked by mypy --strict, through a dbloom/ tree of symlinks (the editable
 # install maps folders to dbloom.* with an import hook that mypy cannot follow).
-TYPED := p2p attest inference api cli ledger
+TYPED := p2p attest inference api cli ledger sims
 
 .PHONY: demo test lint bench clean
 
@@ -29,11 +29,13 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/transport.py
+	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/dht.py --sizes 1000
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/attest.py
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/e2e.py
+	PYTHONHASHSEED=0 $(BIN)/python bench/sims.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

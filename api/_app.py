@@ -74,10 +74,14 @@ def _check_unicode(raw: bytes, body: object) -> None:
         ) from None
 
 
-def _model_object(model: ModelInfo, created: int, alias_of: str | None) -> dict[str, Any]:
+def _model_object(
+    model: ModelInfo, created: int, alias_of: str | None, notice: str | None
+) -> dict[str, Any]:
     extra: dict[str, Any] = {"context_length": model.context_length, "digest": model.digest}
     if alias_of is not None:
         extra["alias_of"] = alias_of
+    if notice is not None:
+        extra["notice"] = notice
     return {
         "id": model.id,
         "object": "model",
@@ -102,6 +106,7 @@ class _Endpoints:
     ) -> None:
         self.engine = engine
         self.aliases = aliases
+        self.notice: str | None = None
         self.metrics = metrics
         self.max_body = max_body
         self.default_max_tokens = default_max_tokens
@@ -142,7 +147,7 @@ class _Endpoints:
         )
 
     def _model_object(self, model: ModelInfo) -> dict[str, Any]:
-        return _model_object(model, self.created, self.aliases.get(model.id))
+        return _model_object(model, self.created, self.aliases.get(model.id), self.notice)
 
     async def _body(self, request: Request) -> object:
         """The JSON body, at most `max_body` bytes, arriving within the stall timeout."""
@@ -321,6 +326,7 @@ def create_app(
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     stall_timeout: float = STALL_TIMEOUT,
     aliases: Mapping[str, str] | None = None,
+    notice: str | None = None,
 ) -> ASGIApp:
     """The OpenAI-compatible app over `engine`.
 
@@ -328,6 +334,7 @@ def create_app(
     `Authorization: Bearer <key>` or `x-api-key: <key>` (an empty store admits nobody);
     with None the API is open, which `check_bind` allows only on loopback. `aliases` maps
     extra model names to real ones (see `AliasEngine`); `/v1/models` lists them too.
+    `notice` is shown with every model (a shim run by someone else says so there).
     """
     metrics = Metrics()
     endpoints = _Endpoints(
@@ -338,6 +345,7 @@ def create_app(
         stall=stall_timeout,
         aliases=dict(aliases or {}),
     )
+    endpoints.notice = notice
     routes: list[tuple[str, Endpoint, str]] = [
         ("/health", endpoints.health, "GET"),
         ("/metrics", endpoints.metrics_text, "GET"),

@@ -12,6 +12,13 @@ admitting at once, the provider keys stop being republished and a record saying
 get `drain_timeout` to finish and are then handed back (their streams reset, so a shim
 that has no token yet fails over). On "serve" the pool admits again and the node
 re-announces. A status file, when configured, tells `dbloom status` all of this.
+
+Reachability: the node answers AutoNAT dial-backs for others and, with `reachability`
+"auto", asks relays found in the DHT to dial it back; while they cannot (a home NAT) it
+holds slots on relays (`AutoRelay`), so its record lists `/p2p-circuit` addresses next
+to its own, and the record is republished whenever those addresses change. Connections
+that arrive through a relay are then upgraded to direct ones by hole punching (DCUtR)
+where the NATs allow; either way the relay carries only the Noise session's ciphertext.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -67,9 +74,16 @@ from dbloom.inference import (
 from dbloom.inference._models import WEIGHT_SUFFIX, estimate_memory
 from dbloom.ledger import Ledger, ReceiptBody, compute_amount, sign_as_node, tokens_digest
 from dbloom.ledger._service import ReceiptService
-from dbloom.p2p import Host, KeyPair, Multiaddr, NetStream, open_host
+from dbloom.p2p import Host, KeyPair, Multiaddr, NetStream, TcpTransport, open_host
 from dbloom.p2p.gossip import Gossip
 from dbloom.p2p.kad import KadConfig, KademliaDHT, provider_key
+from dbloom.p2p.relay import (
+    AutoNatService,
+    AutoRelay,
+    AutoRelayConfig,
+    HolePunchService,
+    Reachability,
+)
 
 from ._availability import ALWAYS_ON, Availability, Decision, Rules
 from ._probes import Probes, read_all, read_idle, read_machine, system_probes
@@ -90,6 +104,11 @@ IDLE_POLL = 0.5
 and the probe's run time (a few milliseconds)."""
 MACHINE_POLL = 5.0
 """Seconds between samples of power, heat and memory, which change slowly."""
+
+ReachabilityMode = Literal["auto", "public", "private"]
+REACHABILITY_MODES: tuple[ReachabilityMode, ...] = ("auto", "public", "private")
+"""auto: dial-backs decide, relay slots while private; public: no relays (a public IP or
+a port forward); private: relay slots at once, without asking (known to be behind NAT)."""
 
 
 @dataclass(slots=True)
@@ -118,6 +137,7 @@ class PeerSettings:
     availability: Rules = field(default_factory=lambda: Rules(always_on=True))
     max_memory: int | None = None
     status_file: Path | None = None
+    reachability: ReachabilityMode = "auto"
 
 
 def _local_ips(family: socket.AddressFamily) -> list[str]:
@@ -129,11 +149,13 @@ def _local_ips(family: socket.AddressFamily) -> list[str]:
 
 
 def advertised_addrs(host: Host) -> list[str]:
-    """Listen addresses others can dial: a wildcard becomes loopback and this host's IPs.
-
-    (Reachability from outside a home network is the relay issue's job.)
-    """
-    return expand_addrs(map(str, host.listen_addrs))
+    """Where others can dial us, at most MAX_ADDRS: bound addresses (a wildcard becomes
+    loopback and this host's IPs), then circuit addresses through the relays we hold slots
+    on, which a cut keeps (behind a NAT they are the ones that work)."""
+    listened = set(host.listen_addrs)
+    relayed = [str(a) for a in host.advertised_addrs if a not in listened][:MAX_ADDRS]
+    direct = expand_addrs(map(str, host.listen_addrs))
+    return direct[: MAX_ADDRS - len(relayed)] + relayed
 
 
 def expand_addrs(addrs: Iterable[str]) -> list[str]:
@@ -190,7 +212,6 @@ def check_max_memory(plans: Sequence[ModelPlan], max_memory: int | None) -> None
         )
 
 
-
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What `run()` would serve and announce, resolved without loading or listening."""
@@ -218,6 +239,8 @@ class PeerNode:
         self.probes = probes
         self.host: Host | None = None
         self.dht: KademliaDHT | None = None
+        self.autorelay: AutoRelay | None = None
+        self.holepunch: HolePunchService | None = None
         self.pool: EnginePool | None = None
         self.record: NodeRecord | None = None
         self.speeds: dict[str, Speed] = {}
@@ -324,8 +347,12 @@ class PeerNode:
             )
             self.status = "checking attestation"
             self.attestation = await _check_attestation(attester)
+            # SO_REUSEPORT lets hole punches dial from the port peers were told to dial
+            tcp = TcpTransport(reuseport=True)
             host = self.host = await stack.enter_async_context(
-                open_host(self.identity, listen=[Multiaddr.parse(a) for a in s.listen])
+                open_host(
+                    self.identity, listen=[Multiaddr.parse(a) for a in s.listen], transports=[tcp]
+                )
             )
 
             async def attest_handler(stream: NetStream) -> None:
@@ -341,6 +368,7 @@ class PeerNode:
             )
             dht = self.dht = KademliaDHT(host, kad)
             await nursery.start(dht.run)
+            await self._start_reachability(nursery, host, dht, tcp)
             gossip = Gossip(host)
             await nursery.start(gossip.run)
             if self.ledger is not None:
@@ -388,6 +416,32 @@ class PeerNode:
             if s.status_file is not None:
                 await trio.to_thread.run_sync(write_status, s.status_file, self.snapshot())
             nursery.cancel_scope.cancel()
+
+    async def _start_reachability(
+        self, nursery: trio.Nursery, host: Host, dht: KademliaDHT, tcp: TcpTransport
+    ) -> None:
+        """Dial-backs for others, hole punching, and relay slots unless we are public."""
+        AutoNatService(host)
+        self.holepunch = HolePunchService(host, tcp)
+        await nursery.start(self.holepunch.run)
+        mode = self.settings.reachability
+        if mode == "public":
+            return
+        if mode == "private":
+            # the operator's word stands in for dial-backs: no probes, private from the start
+            self.autorelay = AutoRelay(host, dht, config=AutoRelayConfig(max_probes=0))
+            self.autorelay.tracker.status = Reachability.PRIVATE
+        else:
+            self.autorelay = AutoRelay(host, dht)
+        await nursery.start(self.autorelay.run)
+
+    def reachability(self) -> str:
+        """The verdict for status displays: how others reach us, and through how many relays."""
+        if self.autorelay is None:
+            return "public (no relays: --reachability public)"
+        relays = len(self.autorelay.client.reservations)
+        verdict = self.autorelay.reachability.value
+        return f"{verdict}, {relays} relay{'s' * (relays != 1)}" if relays else verdict
 
     async def _infer_handler(self, stream: NetStream) -> None:
         """Serve one request; a pause that outlasts the deadline hands it back (a reset)."""
@@ -481,8 +535,7 @@ class PeerNode:
             "availability": {
                 "serve": self.decision.serve,
                 "checks": [
-                    {"name": c.name, "state": c.state, "text": c.text}
-                    for c in self.decision.checks
+                    {"name": c.name, "state": c.state, "text": c.text} for c in self.decision.checks
                 ],
             },
             "models": [o.id for o in self.offers],
@@ -491,6 +544,7 @@ class PeerNode:
             "in_flight": pool.in_flight if pool else 0,
             "earnings": {"receipts": receipts, "micro": earned},
             "attestation": {"kind": self.provider.kind, "status": self.attestation_status()},
+            "reachability": self.reachability(),
         }
 
     def attestation_status(self) -> str:
@@ -522,17 +576,19 @@ class PeerNode:
             self.dht.stop_providing(key)
 
     async def _keep_record_fresh(self) -> None:
-        """Republish when load changes (at most every few seconds) or on the interval."""
+        """Republish when load or addresses change (a relay slot won or lost; at most every
+        few seconds) or on the interval."""
         while True:
             await trio.sleep(RECORD_CHECK)
             since = trio.current_time() - self._published_at
             record = self.current_record()
             published = self.record
-            changed = published is None or (record.active, record.queued, record.draining) != (
-                published.active,
-                published.queued,
-                published.draining,
-            )
+            changed = published is None or (
+                record.active,
+                record.queued,
+                record.draining,
+                record.addrs,
+            ) != (published.active, published.queued, published.draining, published.addrs)
             if since >= self.settings.record_interval or (changed and since >= RECORD_MIN_GAP):
                 await self._publish_current()
 

@@ -47,6 +47,8 @@ class ShimSettings:
     kad: KadConfig | None = None
     ledger: Path | None = None
     account: KeyPair | None = None
+    notice: str | None = None
+    """Shown with every model in `/v1/models` (a shim on someone else's relay says so)."""
 
     def policy(self) -> Policy:
         kinds = self.attest_kinds if self.attest_kinds is not None else Policy().allowed_kinds
@@ -124,6 +126,6 @@ class ShimNode:
                 account=s.account or KeyPair.generate(),
                 on_receipt=on_receipt,
             )
-            app = create_app(self.engine, keys=s.keys, aliases=s.aliases)
+            app = create_app(self.engine, keys=s.keys, aliases=s.aliases, notice=s.notice)
             self.port = await nursery.start(partial(serve_api, app, host=s.host, port=s.port))
             task_status.started(self)

@@ -9,7 +9,7 @@ import typer
 from dbloom.inference import models_app
 from dbloom.ledger._cli import ledger_app
 
-from . import attest, demo, dht, keys, p2p, peer, service, shim, status
+from . import attest, demo, dht, keys, p2p, peer, relay, service, shim, sim, status
 from ._common import fail, state
 from ._config import ConfigError, load_config
 
@@ -25,10 +25,12 @@ app.add_typer(models_app, name="models")
 app.add_typer(attest.app, name="attest")
 app.command("demo")(demo.demo)
 app.command("peer")(peer.peer)
+app.command("relay")(relay.relay)
 app.command("status")(status.status)
 app.add_typer(service.app, name="service")
 app.add_typer(shim.app, name="shim")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(sim.app, name="sim")
 
 
 @app.callback()

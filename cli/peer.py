@@ -6,6 +6,10 @@ power, thermally nominal, with memory to spare and inside `--hours` (see
 everything the peer would announce, and the decision it would take now, then exits.
 `--log-file` sends logs to a size-rotated file instead of stderr (what `dbloom service`
 uses); logs carry request ids, counts and timings, never prompts or outputs.
+`--reachability` says how peers reach this Mac: by default it asks relays to dial it
+back and, behind a home NAT, holds slots on relays (printing `reachable at
+…/p2p-circuit/…` once they are in its record); `private` skips the dial-backs and
+`public` (a public IP or a port forward) uses no relays.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from dbloom.p2p import (
 
 from ._availability import Availability, Hours, Rules, gib, parse_hours
 from ._common import console, fail, home_dir, run, state
-from ._node import PeerNode, PeerSettings, advertised_addrs
+from ._node import REACHABILITY_MODES, PeerNode, PeerSettings, ReachabilityMode, expand_addrs
 from ._probes import read_all, system_probes
 from .p2p import wait_for_interrupt
 from .status import MARKS, status_path
@@ -196,6 +200,13 @@ def peer(
         envvar="DBLOOM_ALWAYS_ON",
         help="Serve whenever running: ignore idle time, power, heat, memory and hours.",
     ),
+    reachability: str = typer.Option(
+        "auto",
+        "--reachability",
+        envvar="DBLOOM_REACHABILITY",
+        help="auto: ask relays to dial back, hold relay slots if behind NAT; "
+        "private: hold relay slots without asking; public: no relays.",
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print what would be served and announced, then exit."
     ),
@@ -209,6 +220,7 @@ def peer(
         fail("nothing to serve: pass --model FOLDER_OR_REPO (or set [peer] model in config.toml)")
     if attest not in ATTEST_KINDS:
         fail(f"--attest must be one of {', '.join(ATTEST_KINDS)}, not {attest!r}")
+    reachability_mode = _reachability_mode(reachability)
     try:
         prices = parse_price(price_in), parse_price(price_out)
         for addr in [*listen, *bootstrap]:
@@ -253,6 +265,7 @@ def peer(
             availability=rules,
             max_memory=None if max_memory is None else int(max_memory * 2**30),
             status_file=status_path(home_path),
+            reachability=reachability_mode,
         )
         provider = evidence_provider(
             attest,
@@ -293,10 +306,24 @@ def peer(
     run(main)
 
 
+def _reachability_mode(text: str) -> ReachabilityMode:
+    for mode in REACHABILITY_MODES:
+        if text == mode:
+            return mode
+    fail(f"--reachability must be one of {', '.join(REACHABILITY_MODES)}, not {text!r}")
+
+
 def announced_addrs(node: PeerNode) -> list[str]:
     """Full multiaddrs (with /p2p/<id>) of every address we listen on."""
     assert node.host is not None
-    return advertised_addrs(node.host)
+    return expand_addrs(map(str, node.host.listen_addrs))
+
+
+def relayed_addrs(node: PeerNode) -> list[str]:
+    """The circuit addresses in the record we last published: how peers behind relays
+    reach us (printed once the record carries them, so they can be looked up)."""
+    record = node.record
+    return [a for a in record.addrs if "/p2p-circuit/" in a] if record is not None else []
 
 
 def _table(node: PeerNode) -> Table:
@@ -308,6 +335,7 @@ def _table(node: PeerNode) -> Table:
     table.add_row("availability", "serving" if decision.serve else "paused")
     for check in decision.checks:
         table.add_row("", escape(f"{MARKS[check.state]} {check.text}"))
+    table.add_row("reachability", escape(node.reachability()))
     table.add_row("peers", str(node.host.num_connections))
     table.add_row("in flight", str(pool.in_flight))
     table.add_row("served", f"{pool.requests_total} requests, {pool.tokens_total} tokens")
@@ -343,6 +371,7 @@ async def _dry_run(node: PeerNode, *, fresh_identity: bool) -> None:
     rows += [
         ("measurement", plan.record.measurement),
         ("attestation", node.provider.kind),
+        ("reachability", settings.reachability),
         ("availability", "would serve now" if decision.serve else "would pause now"),
         *[("", f"{MARKS[c.state]} {c.text}") for c in decision.checks],
     ]
@@ -357,15 +386,33 @@ async def _dry_run(node: PeerNode, *, fresh_identity: bool) -> None:
 
 
 async def _status(node: PeerNode) -> None:
-    """A live table on a terminal; elsewhere (a pipe, a service's log) a line per change."""
+    """A live table on a terminal; elsewhere (a pipe, a service's log) a line per change.
+
+    Either way a line per relayed address that enters or leaves the published record.
+    """
+    relayed: list[str] = []
+
+    def print_relayed() -> None:
+        nonlocal relayed
+        now = relayed_addrs(node)
+        for addr in now:
+            if addr not in relayed:
+                console.print(f"reachable at {addr}")
+        for addr in relayed:
+            if addr not in now:
+                console.print(f"no longer reachable at {addr}")
+        relayed = now
+
     if not console.is_terminal:
         serving = node.decision.serve
         while True:
             await trio.sleep(0.5)
+            print_relayed()
             if node.decision.serve != serving:
                 serving = node.decision.serve
                 console.print(f"availability: {escape(node.decision.summary())}")
     with Live(_table(node), console=console, refresh_per_second=2, transient=True) as live:
         while True:
             await trio.sleep(0.5)
+            print_relayed()
             live.update(_table(node))

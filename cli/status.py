@@ -98,6 +98,7 @@ def status_rows(snapshot: Mapping[str, Any]) -> list[tuple[str, str]]:
             f"({earnings.get('receipts', 0)} receipts)",
         ),
         ("attestation", f"{attestation.get('kind', '?')}: {attestation.get('status', '?')}"),
+        ("reachability", str(snapshot.get("reachability", "?"))),
     ]
     return rows
 

@@ -8,7 +8,7 @@ with the peer id, and the host goes on serving everyone else.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -175,6 +175,11 @@ class Connection:
         """True once the muxer has shut down."""
         return self.muxer.is_closed
 
+    @property
+    def relayed(self) -> bool:
+        """True for a connection carried through a circuit relay."""
+        return "p2p-circuit" in self.remote_addr.protocols()
+
     async def new_stream(
         self, protocols: Sequence[str], *, timeout: float | None = None, lazy: bool = False
     ) -> NetStream:
@@ -238,10 +243,12 @@ class Host:
         self._connections: dict[PeerId, list[Connection]] = {}
         self._dials: dict[PeerId, trio.Event] = {}
         self._listen_addrs: list[Multiaddr] = []
+        self._addr_sources: list[Callable[[], Iterable[Multiaddr]]] = []
         self._listener_scopes: list[trio.CancelScope] = []
         self._connection_listeners: list[ConnectionListener] = []
         self._identify_listeners: list[IdentifyListener] = []
         self._pending_inbound = 0
+        self._protected: dict[PeerId, set[str]] = {}
         self._duplicates: set[Connection] = set()
         self._duplicates_changed = trio.Event()
         self._closing = False
@@ -278,12 +285,40 @@ class Host:
             except Exception:
                 log.exception("identify listener failed for %s", peer)
 
+    def add_transport(self, transport: Transport) -> None:
+        """Dial (and listen) through `transport` too; for transports that need the host."""
+        self.transports.append(transport)
+
+    def protect(self, peer: PeerId, tag: str) -> None:
+        """Keep connections to `peer` open while idle (a relay reservation needs one)."""
+        self._protected.setdefault(peer, set()).add(tag)
+
+    def unprotect(self, peer: PeerId, tag: str) -> None:
+        """Undo `protect(peer, tag)`; the idle sweep applies again once no tag is left."""
+        tags = self._protected.get(peer)
+        if tags is not None:
+            tags.discard(tag)
+            if not tags:
+                del self._protected[peer]
+
     # ---- listening -----------------------------------------------------------------
 
     @property
     def listen_addrs(self) -> list[Multiaddr]:
         """Bound addresses, each ending in /p2p/<our peer id>."""
         return [addr.with_peer_id(self.peer_id) for addr in self._listen_addrs]
+
+    def add_addr_source(self, source: Callable[[], Iterable[Multiaddr]]) -> None:
+        """Also advertise what `source()` returns (e.g. circuit addresses through relays)."""
+        self._addr_sources.append(source)
+
+    @property
+    def advertised_addrs(self) -> list[Multiaddr]:
+        """Where others may reach us, with /p2p: bound addresses, then every source's."""
+        extra = [addr for source in self._addr_sources for addr in source()]
+        return list(
+            dict.fromkeys([*self.listen_addrs, *(a.with_peer_id(self.peer_id) for a in extra)])
+        )
 
     def _transport_for(self, addr: Multiaddr) -> Transport:
         for transport in self.transports:
@@ -302,14 +337,20 @@ class Host:
         async def serve(task_status: trio.TaskStatus[list[Multiaddr]]) -> None:
             with scope:
                 await transport.serve(
-                    addr.without_peer_id(), self._on_inbound, task_status=task_status
+                    addr.without_peer_id(), self.serve_inbound, task_status=task_status
                 )
 
         bound: list[Multiaddr] = await self._nursery.start(serve)
         self._listen_addrs.extend(bound)
         return [b.with_peer_id(self.peer_id) for b in bound]
 
-    async def _on_inbound(self, raw: RawConnection) -> None:
+    async def serve_inbound(
+        self, raw: RawConnection, *, expected_peer: PeerId | None = None
+    ) -> None:
+        """Upgrade a raw connection someone opened to us and serve it until it closes.
+
+        Listeners call this; so does the relay client for a circuit a relay terminated here.
+        """
         config = self.config
         if (
             self._closing
@@ -326,7 +367,7 @@ class Host:
                 initiator=False,
                 identity=self.identity,
                 static_key=self._static_key,
-                expected_peer=None,
+                expected_peer=expected_peer,
                 yamux_config=config.yamux,
                 write_timeout=config.write_timeout,
                 early_muxer=config.early_muxer_negotiation,
@@ -367,11 +408,12 @@ class Host:
             return None
         return min(conns, key=self._preference)
 
-    def _preference(self, conn: Connection) -> tuple[int, float]:
-        # Both ends keep the connection dialed by the smaller peer id, so they agree.
+    def _preference(self, conn: Connection) -> tuple[int, int, float]:
+        # A direct connection beats a relayed one (the relay limits it, and adds a hop);
+        # then both ends keep the connection dialed by the smaller peer id, so they agree.
         dialer = self.peer_id if conn.direction == "outbound" else conn.peer_id
         other = conn.peer_id if conn.direction == "outbound" else self.peer_id
-        return (0 if dialer < other else 1, conn.opened_at)
+        return (int(conn.relayed), 0 if dialer < other else 1, conn.opened_at)
 
     async def _serve_connection(
         self, conn: Connection, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -473,7 +515,8 @@ class Host:
             now = trio.current_time()
             for conns in list(self._connections.values()):
                 for conn in list(conns):
-                    if conn.muxer.num_streams or conn.is_closed:
+                    protected = not conn.duplicate and conn.peer_id in self._protected
+                    if conn.muxer.num_streams or conn.is_closed or protected:
                         conn.idle_since = None
                         continue
                     limit = config.duplicate_idle_timeout if conn.duplicate else config.idle_timeout
@@ -569,13 +612,23 @@ class Host:
 
     async def _dial(self, peer: PeerId | None, addr: Multiaddr) -> Connection:
         transport = self._transport_for(addr)
+        with trio.fail_after(self.config.dial_timeout):
+            raw = await transport.dial(addr if peer is None else addr.with_peer_id(peer))
+        return await self.adopt(raw, peer, initiator=True)
+
+    async def adopt(
+        self, raw: RawConnection, peer: PeerId | None, *, initiator: bool
+    ) -> Connection:
+        """Upgrade a raw connection we opened, in the given role, and serve it.
+
+        Dials are initiators; in a hole punch (a TCP simultaneous open, where both ends
+        dialed) the protocol that punched it says which end is which.
+        """
         config = self.config
-        with trio.fail_after(config.dial_timeout):
-            raw = await transport.dial(addr)
         try:
             upgraded = await upgrade(
                 raw.stream,
-                initiator=True,
+                initiator=initiator,
                 identity=self.identity,
                 static_key=self._static_key,
                 expected_peer=peer,
@@ -594,10 +647,36 @@ class Host:
             public_key=upgraded.public_key,
             muxer=upgraded.muxer,
             raw=raw,
-            direction="outbound",
+            direction="outbound" if initiator else "inbound",
         )
         await self._nursery.start(self._serve_connection, conn)
         return conn
+
+    async def dial_back(self, peer: PeerId, addr: Multiaddr) -> None:
+        """Prove `peer` is reachable at `addr`: a fresh dial and handshake, then hang up.
+
+        Never reuses or registers a connection, so an open one cannot fake the answer.
+        Raises one of DIAL_ERRORS when the dial or the handshake fails.
+        """
+        config = self.config
+        transport = self._transport_for(addr)
+        with trio.fail_after(config.dial_timeout):
+            raw = await transport.dial(addr.with_peer_id(peer))
+        try:
+            await upgrade(
+                raw.stream,
+                initiator=True,
+                identity=self.identity,
+                static_key=self._static_key,
+                expected_peer=peer,
+                yamux_config=config.yamux,
+                write_timeout=config.write_timeout,
+                early_muxer=config.early_muxer_negotiation,
+                plaintext=config.insecure_plaintext,
+                timeout=config.upgrade_timeout,
+            )
+        finally:
+            await trio.aclose_forcefully(raw.stream)
 
     async def new_stream(
         self,
@@ -665,12 +744,14 @@ async def open_host(
     """Run a host (ping and identify included) for the duration of the block."""
     from ._identify import register_identify
     from ._ping import register_ping
+    from .relay import CircuitTransport
 
     config = config or HostConfig()
     transports = transports if transports is not None else [TcpTransport()]
     _check_plaintext(config, transports)
     async with trio.open_nursery() as nursery:
         host = Host(identity or KeyPair.generate(), nursery, transports=transports, config=config)
+        host.add_transport(CircuitTransport(host))
         register_ping(host)
         register_identify(host)
         nursery.start_soon(host._sweep_idle)

@@ -32,7 +32,7 @@ def own_info(host: Host, observed: Multiaddr | None) -> IdentifyInfo:
         protocol_version=PROTOCOL_VERSION,
         agent_version=host.config.agent_version,
         public_key=host.identity.public_key,
-        listen_addrs=tuple(addr.without_peer_id() for addr in host.listen_addrs),
+        listen_addrs=tuple(addr.without_peer_id() for addr in host.advertised_addrs),
         observed_addr=observed,
         protocols=tuple(host.protocols),
     )

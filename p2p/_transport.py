@@ -33,7 +33,11 @@ class Transport(Protocol):
         ...
 
     async def dial(self, addr: Multiaddr) -> RawConnection:
-        """Open a raw connection; raises OSError when the remote cannot be reached."""
+        """Open a raw connection; raises OSError when the remote cannot be reached.
+
+        `addr` ends in /p2p/<peer id> when the host knows whom it is dialing (a circuit
+        address needs it: it names the peer the relay should connect us to).
+        """
         ...
 
     async def serve(
@@ -76,7 +80,18 @@ def tcp_host_port(addr: Multiaddr) -> tuple[str, int]:
 
 
 class TcpTransport:
-    """TCP: trio connects and accepts, `TcpStream` carries the bytes (TCP_NODELAY on)."""
+    """TCP: trio connects and accepts, `TcpStream` carries the bytes (TCP_NODELAY on).
+
+    With `reuseport`, listeners set SO_REUSEPORT so `dial_from` can connect from the
+    port we listen on: hole punching needs the NAT mapping of an outgoing connection
+    to be the one peers were told to dial. A fixed port another listener holds is
+    still refused as "address in use" (a probe bind without SO_REUSEPORT comes first).
+    """
+
+    def __init__(self, *, reuseport: bool = False) -> None:
+        self.reuseport = reuseport
+        self.ports: dict[str, int] = {}
+        """A bound port per family ("ip4", "ip6"): where `dial_from` dials from."""
 
     def handles(self, addr: Multiaddr) -> bool:
         """IP and DNS addresses over TCP."""
@@ -101,8 +116,13 @@ class TcpTransport:
     ) -> None:
         """Bind, report the real port (for /tcp/0), then accept until cancelled."""
         host, port = tcp_host_port(addr)
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        if self.reuseport:
+            listeners = [await _reuseport_listener(host, port)]
+        else:
+            listeners = await trio.open_tcp_listeners(port, host=host)
         bound = [_sockaddr_to_multiaddr(listener.socket.getsockname()) for listener in listeners]
+        for multiaddr in bound:
+            self.ports.setdefault(multiaddr.protocols()[0], int(multiaddr.parts[1][1] or 0))
 
         async def handle(stream: trio.SocketStream) -> None:
             await handler(_raw(stream))
@@ -110,6 +130,58 @@ class TcpTransport:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, handle, listeners)
             task_status.started(bound)
+
+    async def dial_from(self, addr: Multiaddr) -> RawConnection:
+        """Connect from the port we listen on (needs `reuseport` and a listener of the family).
+
+        Two peers doing this towards each other at once make a TCP simultaneous open,
+        which is how a hole is punched through both NATs.
+        """
+        host, port = tcp_host_port(addr)
+        family = addr.protocols()[0]
+        local = self.ports.get(family)
+        if not self.reuseport or local is None:
+            raise OSError(f"no reusable {family} listening port to dial {addr} from")
+        sock = trio.socket.socket(socket.AF_INET if family == "ip4" else socket.AF_INET6)
+        try:
+            _set_reuse(sock)
+            await sock.bind(("0.0.0.0" if family == "ip4" else "::", local))
+            await sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return _raw(trio.SocketStream(sock))
+
+
+def _set_reuse(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+async def _reuseport_listener(host: str, port: int) -> trio.SocketListener:
+    """One listening socket with SO_REUSEPORT (a literal IP only: no name resolution).
+
+    A fixed port is first bound without SO_REUSEPORT, so a port another listener
+    holds (a second peer started by mistake) is still "address in use" rather
+    than silently shared.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        probe = trio.socket.socket(family)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await probe.bind((host, port))
+        finally:
+            probe.close()
+    sock = trio.socket.socket(family)
+    try:
+        _set_reuse(sock)
+        await sock.bind((host, port))
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
 
 
 def _raw(stream: trio.SocketStream) -> RawConnection:

@@ -109,3 +109,15 @@ async def test_an_alias_is_served_by_its_model_under_its_own_name(aliased: Shim)
 async def test_an_alias_shadows_a_model_of_the_same_name() -> None:
     engine = AliasEngine(ScriptedEngine(None), {MODEL_ID: "elsewhere"})
     assert await engine.models() == ()
+
+
+async def test_a_notice_is_shown_with_every_model(engine: MLXEngine) -> None:
+    notice = "served by a shim on a relay: its operator can read prompts and outputs"
+    async with trio.open_nursery() as nursery:
+        shim = await start_shim(nursery, engine, aliases={"gpt-3": MODEL_ID}, notice=notice)
+        async with async_client(shim) as client:
+            listed = await client.models.list()
+            assert {m.model_dump()["dbloom"]["notice"] for m in listed.data} == {notice}
+            one = await client.models.retrieve(MODEL_ID)
+            assert one.model_dump()["dbloom"]["notice"] == notice
+        nursery.cancel_scope.cancel()

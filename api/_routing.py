@@ -2,9 +2,12 @@
 
 Pure state and arithmetic (no I/O), so the simulator ranks exactly as the shim does.
 A candidate's score is lower for cheaper, faster, idler, nearer and more reliable nodes.
-The first pick is the better of two random candidates from the best few (which spreads
-load without herding every shim onto the single best node); the rest follow by score
-and serve as fail-over.
+Idleness is live: the shim counts its own requests on each node (`started`/`finished`);
+the node's record, seconds old, counts only where it shows more (other shims' requests).
+The round-trip time is a real round trip (`measured`), not a time to first token, which is
+mostly the node's own work and already in its load and speed. The first pick is the
+better of two random candidates from the best few (which spreads load without herding
+every shim onto the single best node); the rest follow by score and serve as fail-over.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class PeerStats:
     """What this client has observed of one node."""
 
     rtt: float | None = None
+    in_flight: int = 0
     failures: float = 0.0
     failed_at: float = 0.0
     refused_until: float = 0.0
@@ -86,11 +90,17 @@ class Router:
         price = offer.price_out + offer.price_in // 4
         price_term = price / cheapest if cheapest else (1.0 if price == 0 else 2.0)
         speed_term = fastest / offer.decode_tps if offer.decode_tps > 0 else 2.0
-        load_term = (record.active + record.queued) / max(record.max_batch, 1)
-        rtt = self._stats(candidate.peer).rtt
+        stats = self._stats(candidate.peer)
+        load = max(stats.in_flight, record.active + record.queued)
+        load_term = load / max(record.max_batch, 1)
+        rtt = stats.rtt
         rtt_term = 0.0 if rtt is None else rtt * 20
-        return price_term + speed_term + 2 * load_term + rtt_term + 3 * self.failures(
-            candidate.peer, now
+        return (
+            price_term
+            + speed_term
+            + 2 * load_term
+            + rtt_term
+            + 3 * self.failures(candidate.peer, now)
         )
 
     def order(self, candidates: Sequence[Candidate], now: float) -> list[Candidate]:
@@ -101,16 +111,30 @@ class Router:
         priced = [c.offer.price_out + c.offer.price_in // 4 for c in eligible]
         cheapest = min(priced)
         fastest = max(c.offer.decode_tps for c in eligible)
-        ranked = sorted(eligible, key=lambda c: self.score(c, now, cheapest, fastest))
+        scores = {c.peer: self.score(c, now, cheapest, fastest) for c in eligible}
+        ranked = sorted(eligible, key=lambda c: scores[c.peer])
         shortlist = ranked[:SHORTLIST]
         if len(shortlist) >= 2:
-            a, b = self.rng.sample(shortlist, 2)
-            first = a if ranked.index(a) < ranked.index(b) else b
+            a, b = self.rng.sample(shortlist, 2)  # in random order, so ties go either way
+            first = b if scores[b.peer] < scores[a.peer] else a
             ranked.remove(first)
             ranked.insert(0, first)
         return ranked
 
-    def succeeded(self, peer: PeerId, rtt: float) -> None:
+    def in_flight(self, peer: PeerId) -> int:
+        """This client's requests assigned to `peer` and not finished yet."""
+        return self._stats(peer).in_flight
+
+    def started(self, peer: PeerId) -> None:
+        """A request was assigned to `peer` (it may still wait for a stream there)."""
+        self._stats(peer).in_flight += 1
+
+    def finished(self, peer: PeerId) -> None:
+        """A request `started` on `peer` is over, whichever way it ended."""
+        self._stats(peer).in_flight -= 1
+
+    def measured(self, peer: PeerId, rtt: float) -> None:
+        """A round trip to `peer` (a transport ping) took `rtt` seconds."""
         s = self._stats(peer)
         s.rtt = rtt if s.rtt is None else (1 - RTT_SMOOTHING) * s.rtt + RTT_SMOOTHING * rtt
 

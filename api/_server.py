@@ -23,6 +23,10 @@ from ._keys import ApiKeys
 
 GRACE = 5.0
 """Seconds in-flight requests get to finish when the server stops."""
+BACKLOG = 4096
+"""Connections the kernel queues before we accept them: a burst of clients connecting at
+once must not find the queue full (Hypercorn's default of 100 refuses the rest; Linux
+caps it at `net.core.somaxconn`)."""
 SHUTDOWN_MARGIN = 1.0
 
 logger = logging.getLogger("dbloom.api.server")
@@ -44,10 +48,11 @@ def check_bind(host: str, keys: ApiKeys | None) -> None:
         raise InsecureBind(f"binding {host} requires API keys: run `dbloom shim keys add NAME`")
 
 
-def _config(host: str, port: int, grace: float) -> Config:
+def _config(host: str, port: int, grace: float, backlog: int) -> Config:
     config = Config()
     address = f"[{host.strip('[]')}]" if ":" in host else host
     config.bind = [f"{address}:{port}"]
+    config.backlog = backlog
     config.accesslog = None
     config.errorlog = logger
     config.graceful_timeout = grace
@@ -80,6 +85,7 @@ async def serve_api(
     host: str,
     port: int,
     grace: float = GRACE,
+    backlog: int = BACKLOG,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on `host:port` until cancelled; reports the bound port (port 0 picks
@@ -87,7 +93,7 @@ async def serve_api(
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         try:
-            config = _config(host, port, grace)
+            config = _config(host, port, grace, backlog)
             binds: list[str] = await nursery.start(_serve_shielded, app, config, stop)
             task_status.started(int(binds[0].rsplit(":", 1)[1]))
             await trio.sleep_forever()

@@ -126,6 +126,7 @@ class ShimNode:
                 account=s.account or KeyPair.generate(),
                 on_receipt=on_receipt,
             )
+            await nursery.start(self.engine.run)
             app = create_app(self.engine, keys=s.keys, aliases=s.aliases, notice=s.notice)
             self.port = await nursery.start(partial(serve_api, app, host=s.host, port=s.port))
             task_status.started(self)

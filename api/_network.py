@@ -12,7 +12,8 @@ A provider lookup walks the DHT, so its answer is kept for `PROVIDERS_TTL` and s
 concurrent requests wait for one lookup, and once the answer is stale requests go on
 using it while one lookup refreshes it (in the background under `run`). A connection
 carries a bounded number of streams, so requests to one node beyond
-`streams_per_node` wait for a slot, under their deadline, instead of failing.
+`streams_per_node` wait for a slot, under their deadline, instead of failing; when every
+known node is full, the model is looked up again at once, in case more nodes serve it.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ RECORD_TTL = 15.0
 MODELS_TTL = 10.0
 PROVIDERS_TTL = 5.0
 """How long a provider lookup's answer is used before a new lookup replaces it."""
+SATURATED_REFRESH = 1.0
+"""How soon a list whose nodes are all at their stream limit is looked up again."""
 LOOKUP_TIMEOUT = 10.0
 FIRST_ITEM_TIMEOUT = 60.0
 QUEUE_TIMEOUT = 60.0
@@ -304,6 +307,21 @@ class NetworkEngine(Engine):
         self._models = (now, models)
         return models
 
+    def look_further(self, model: str) -> None:
+        """Every known node of `model` is at its stream limit: look for more nodes now (in
+        the background, at most every `SATURATED_REFRESH`) rather than when the list expires."""
+        key = model_provider_key(model)
+        entry = self._providers.get(key)
+        if (
+            entry is None
+            or entry.pending is not None
+            or self._nursery is None
+            or trio.current_time() - entry.at < SATURATED_REFRESH
+        ):
+            return
+        entry.pending = _Lookup()
+        self._nursery.start_soon(self._refresh, key, entry)
+
     def slot(self, peer: PeerId) -> trio.Semaphore:
         """The inference streams this shim may have open to `peer` at once."""
         slots = self._slots.get(peer)
@@ -400,6 +418,8 @@ class _RemoteGeneration(Generation):
             )
         # A node with a free stream slot before one where the request would wait.
         ordered.sort(key=lambda c: engine.slot(c.peer).value == 0)
+        if engine.slot(ordered[0].peer).value == 0:
+            engine.look_further(request.model)
         problems: list[str] = []
         busy = 0
         for candidate in ordered[: engine.max_attempts]:

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from dbloom.api import create_app, serve_api
-from dbloom.api._network import NetworkEngine
+from dbloom.api._network import SATURATED_REFRESH, NetworkEngine
 from dbloom.api._routing import Router, RoutingPolicy
 from dbloom.attest import Attestor, Policy
 from dbloom.cli._node import PeerNode, PeerSettings
@@ -312,3 +312,29 @@ async def test_the_wait_for_a_stream_slot_is_bounded(shim_model: Path) -> None:
                 await generate(engine)
         assert engine.router.failures(node.identity.peer_id, trio.current_time()) == 0
         assert (await generate(engine)).finish_reason is not None
+
+
+async def test_when_every_node_is_full_the_shim_looks_for_more(shim_model: Path) -> None:
+    async with dht() as net:
+        first = await net.peer(shim_model)
+        engine = await net.engine(streams_per_node=2, providers_ttl=60)
+        async with (
+            trio.open_nursery() as nursery,  # left last: its request needs a or b closed
+            engine.generate(ask(64)) as a,
+            engine.generate(ask(64)) as b,
+        ):
+            await a.start()  # the lookup is done by now
+            looked = trio.current_time()
+            await b.start()  # both streams to the first node are taken
+            second = await net.peer(shim_model)
+            await trio.sleep(max(0.0, looked + SATURATED_REFRESH - trio.current_time()))
+            nursery.start_soon(generate, engine)  # waits for a stream to the first node
+            with trio.fail_after(5):
+                while engine.lookups < 2:
+                    await trio.sleep(0.01)
+                while len(await engine.candidates(MODEL)) < 2:
+                    await trio.sleep(0.01)
+            async with engine.generate(ask()) as c:
+                await c.start()
+                assert c.node == str(second.identity.peer_id)
+        assert a.node == b.node == str(first.identity.peer_id)

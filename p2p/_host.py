@@ -24,7 +24,7 @@ from ._memory import MemoryTransport
 from ._multiaddr import Multiaddr, MultiaddrError
 from ._peerstore import PERMANENT, PeerStore
 from ._transport import RawConnection, TcpTransport, Transport
-from ._upgrade import upgrade
+from ._upgrade import Upgraded, upgrade
 from .noise import StaticKey
 from .yamux import YamuxConfig, YamuxConnection, YamuxStream
 
@@ -344,6 +344,24 @@ class Host:
         self._listen_addrs.extend(bound)
         return [b.with_peer_id(self.peer_id) for b in bound]
 
+    async def _upgrade(
+        self, raw: RawConnection, *, initiator: bool, expected_peer: PeerId | None
+    ) -> Upgraded:
+        """Secure and multiplex `raw` with this host's identity and settings."""
+        config = self.config
+        return await upgrade(
+            raw.stream,
+            initiator=initiator,
+            identity=self.identity,
+            static_key=self._static_key,
+            expected_peer=expected_peer,
+            yamux_config=config.yamux,
+            write_timeout=config.write_timeout,
+            early_muxer=config.early_muxer_negotiation,
+            plaintext=config.insecure_plaintext,
+            timeout=config.upgrade_timeout,
+        )
+
     async def serve_inbound(
         self, raw: RawConnection, *, expected_peer: PeerId | None = None
     ) -> None:
@@ -362,18 +380,7 @@ class Host:
             return
         self._pending_inbound += 1
         try:
-            upgraded = await upgrade(
-                raw.stream,
-                initiator=False,
-                identity=self.identity,
-                static_key=self._static_key,
-                expected_peer=expected_peer,
-                yamux_config=config.yamux,
-                write_timeout=config.write_timeout,
-                early_muxer=config.early_muxer_negotiation,
-                plaintext=config.insecure_plaintext,
-                timeout=config.upgrade_timeout,
-            )
+            upgraded = await self._upgrade(raw, initiator=False, expected_peer=expected_peer)
         except DIAL_ERRORS as exc:
             log.info("inbound connection from %s failed its handshake: %s", raw.remote_addr, exc)
             await trio.aclose_forcefully(raw.stream)
@@ -624,20 +631,8 @@ class Host:
         Dials are initiators; in a hole punch (a TCP simultaneous open, where both ends
         dialed) the protocol that punched it says which end is which.
         """
-        config = self.config
         try:
-            upgraded = await upgrade(
-                raw.stream,
-                initiator=initiator,
-                identity=self.identity,
-                static_key=self._static_key,
-                expected_peer=peer,
-                yamux_config=config.yamux,
-                write_timeout=config.write_timeout,
-                early_muxer=config.early_muxer_negotiation,
-                plaintext=config.insecure_plaintext,
-                timeout=config.upgrade_timeout,
-            )
+            upgraded = await self._upgrade(raw, initiator=initiator, expected_peer=peer)
         except BaseException:
             await trio.aclose_forcefully(raw.stream)
             raise
@@ -663,18 +658,7 @@ class Host:
         with trio.fail_after(config.dial_timeout):
             raw = await transport.dial(addr.with_peer_id(peer))
         try:
-            await upgrade(
-                raw.stream,
-                initiator=True,
-                identity=self.identity,
-                static_key=self._static_key,
-                expected_peer=peer,
-                yamux_config=config.yamux,
-                write_timeout=config.write_timeout,
-                early_muxer=config.early_muxer_negotiation,
-                plaintext=config.insecure_plaintext,
-                timeout=config.upgrade_timeout,
-            )
+            await self._upgrade(raw, initiator=True, expected_peer=peer)
         finally:
             await trio.aclose_forcefully(raw.stream)
 

@@ -24,8 +24,9 @@ lint: $(STAMP)
 	@for p in $(TYPED); do ln -sfn ../../../$$p build/mypy/dbloom/$$p; done
 	MYPYPATH=build/mypy $(BIN)/mypy $(addprefix -p dbloom.,$(TYPED))
 
+# Two test workers (pytest-xdist): most tests wait on one core, and CI has two.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 bench: $(STAMP)
 	$(BIN)/python bench/transport.py

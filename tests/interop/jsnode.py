@@ -9,6 +9,7 @@ server / a one-shot DHT client). Everything stays on 127.0.0.1.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import trio
 
@@ -57,31 +58,49 @@ def _tail(data: bytes | str, lines: int = STDERR_TAIL_LINES) -> str:
 async def ensure_node_modules(timeout: float = NPM_CI_TIMEOUT) -> None:
     """Run ``npm ci`` in tests/interop if node_modules is missing or older than the lockfile.
 
+    Test workers running side by side (pytest-xdist) take turns through a lock file, so
+    only the first installs and the others find node_modules fresh.
     Raises RuntimeError (with the reason) if node/npm are missing or the install fails.
     """
     _which("node")
     npm = _which("npm")
-    lock = INTEROP_DIR / "package-lock.json"
-    # npm writes node_modules/.package-lock.json on every install: a good freshness stamp.
-    stamp = INTEROP_DIR / "node_modules" / ".package-lock.json"
-    if stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime:
-        return
-    try:
-        with trio.fail_after(timeout):
-            result = await trio.run_process(
-                [npm, "ci", "--no-audit", "--no-fund"],
-                cwd=INTEROP_DIR,
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-    except trio.TooSlowError:
-        raise RuntimeError(f"`npm ci` in {INTEROP_DIR} took longer than {timeout:.0f} s") from None
+    with trio.fail_after(timeout):
+        lock = await trio.to_thread.run_sync(_take_install_lock, abandon_on_cancel=True)
+    with lock:
+        if _node_modules_fresh():
+            return
+        try:
+            with trio.fail_after(timeout):
+                result = await trio.run_process(
+                    [npm, "ci", "--no-audit", "--no-fund"],
+                    cwd=INTEROP_DIR,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+        except trio.TooSlowError:
+            raise RuntimeError(
+                f"`npm ci` in {INTEROP_DIR} took longer than {timeout:.0f} s"
+            ) from None
     if result.returncode != 0:
         raise RuntimeError(
             f"`npm ci` in {INTEROP_DIR} failed (exit {result.returncode}):\n"
             + _tail(result.stderr + result.stdout)
         )
+
+
+def _node_modules_fresh() -> bool:
+    # npm writes node_modules/.package-lock.json on every install: a good freshness stamp.
+    lock = INTEROP_DIR / "package-lock.json"
+    stamp = INTEROP_DIR / "node_modules" / ".package-lock.json"
+    return stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime
+
+
+def _take_install_lock() -> IO[str]:
+    """An open lock file, held until it is closed."""
+    handle = (INTEROP_DIR / ".npm-install.lock").open("a")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
 
 
 @dataclass

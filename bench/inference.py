@@ -9,6 +9,15 @@ names a folder, then measures, all greedy:
       here on 127.0.0.1) with 8 concurrent HTTP clients on `/v1/completions`: aggregate
       tok/s (all completion tokens over the wall time) and mean TTFT.
 
+This process is the node (engine and host), as a peer is; the clients of (b) and (c), for
+both servers, run in a child process, as they run on another machine in the network: a
+client reading in the node's own process takes the GIL from the engine's worker at every
+token. For reference (b) is measured once more with the client in the node's process.
+On Linux with 2+ CPUs the serving side (this process, so (a) and our node, and
+`mlx_lm.server`) is pinned to the first CPU and the client process to the others
+(`--no-pin` lets the OS choose): a client's work then never lands on the serving core,
+for either server, as on separate machines.
+
 Each figure is the median of `--repeats` single-stream runs or `--batch-repeats`
 concurrent runs. The two sides run in back-to-back pairs and each ratio is the median of
 the per-pair ratios, so drifting background load on a shared machine mostly cancels.
@@ -20,7 +29,10 @@ Targets: (b)/(a) >= 0.98, (c) ours/server >= 1.0.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -203,6 +215,72 @@ def free_port() -> int:
         return port
 
 
+class ClientProcess:
+    """The child process that runs every client: one JSON command per line in, one JSON
+    result per line out."""
+
+    def __init__(self, process: trio.Process) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self.process = process
+        self._stdin = process.stdin
+        self._lines = _lines(process.stdout)
+
+    async def ask(self, **command: Any) -> dict[str, Any]:
+        await self._stdin.send_all(json.dumps(command).encode() + b"\n")
+        line = await self._lines.__anext__()
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"the client process failed: {answer['error']}")
+        return answer
+
+    async def run(self, target: str, tokens: int) -> Run:
+        return Run(**await self.ask(kind="run", target=target, tokens=tokens))
+
+    async def batch(self, target: str, streams: int, tokens: int, salt: int) -> Batch:
+        answer = await self.ask(
+            kind="batch", target=target, streams=streams, tokens=tokens, salt=salt
+        )
+        return Batch(**answer)
+
+
+async def _lines(stream: trio.abc.ReceiveStream) -> Any:
+    buffer = b""
+    while True:
+        while b"\n" not in buffer:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise RuntimeError("the client process exited")
+            buffer += data
+        line, buffer = buffer.split(b"\n", 1)
+        yield line
+
+
+async def client_worker(node_address: str, server_port: int) -> None:
+    """The `--client` child: holds one connection to the node and answers commands."""
+    async with open_host(KeyPair.generate()) as client:
+        ours = (client, Multiaddr.parse(node_address))
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        stdout = trio.lowlevel.FdStream(os.dup(1))
+        async for line in _lines(stdin):
+            command = json.loads(line)
+            one: Callable[[Any, str, int], Any] = our_stream
+            target: Any = ours
+            if command["target"] == "server":
+                one, target = server_stream, server_port
+            try:
+                if command["kind"] == "run":
+                    run, _ = await one(target, PROMPT, command["tokens"])
+                    answer: dict[str, Any] = dataclasses.asdict(run)
+                else:
+                    batch = await concurrent(
+                        one, target, command["streams"], command["tokens"], command["salt"]
+                    )
+                    answer = dataclasses.asdict(batch)
+            except Exception as exc:
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            await stdout.send_all(json.dumps(answer).encode() + b"\n")
+
+
 def median_run(runs: list[Run]) -> Run:
     return Run(
         tokens=int(statistics.median(r.tokens for r in runs)),
@@ -219,10 +297,35 @@ def median_batch(batches: list[Batch]) -> Batch:
     )
 
 
+def serving_and_client_cpus() -> tuple[set[int], set[int]] | None:
+    """(serving CPUs, client CPUs), or None where pinning is not possible."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def set_cpus(pid: int, cpus: set[int]) -> None:
+    """Move every thread of `pid` onto `cpus` (on Linux affinity is per thread)."""
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(thread), cpus)
+
+
 async def bench(
-    model_dir: Path, tokens: int, streams: int, repeats: int, batch_repeats: int
+    model_dir: Path,
+    tokens: int,
+    streams: int,
+    repeats: int,
+    batch_repeats: int,
+    pin: tuple[set[int], set[int]] | None,
 ) -> dict[str, Any]:
     from mlx_lm import load
+
+    if pin is not None:
+        set_cpus(os.getpid(), pin[0])  # mlx_lm.server inherits it
 
     loaded = load(str(model_dir))
     model, tokenizer = loaded[0], loaded[1]
@@ -238,7 +341,7 @@ async def bench(
             await serve_infer(stream, engine)
 
         node.set_stream_handler(PROTOCOL_ID, handler)
-        ours = (client, node.listen_addrs[0])
+        in_process = (client, node.listen_addrs[0])
         server_port = free_port()
         command = [
             sys.executable,
@@ -256,38 +359,55 @@ async def bench(
         server = await nursery.start(
             partial(trio.run_process, command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         )
+        worker = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, __file__, "--client", str(node.listen_addrs[0]), str(server_port)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+        )
+        if pin is not None:
+            set_cpus(worker.pid, pin[1])
+        clients = ClientProcess(worker)
         await wait_for_port(server_port, SERVER_START_TIMEOUT)
 
         with trio.fail_after(REQUEST_TIMEOUT):
             local_run(model, tokenizer, 8)
-            await our_stream(ours, PROMPT, 8)
-            await concurrent(our_stream, ours, streams, 8, -1)
-            await concurrent(server_stream, server_port, streams, 8, -1)
+            await our_stream(in_process, PROMPT, 8)
+            for target in ("ours", "server"):
+                await clients.run(target, 8)
+                await clients.batch(target, streams, 8, -1)
 
             local: list[Run] = []
             tcp: list[Run] = []
+            same: list[Run] = []
             for _ in range(repeats):
                 local.append(await trio.to_thread.run_sync(local_run, model, tokenizer, tokens))
-                tcp.append((await our_stream(ours, PROMPT, tokens))[0])
+                tcp.append(await clients.run("ours", tokens))
+                same.append((await our_stream(in_process, PROMPT, tokens))[0])
             results["a"] = median_run(local)
             results["b"] = median_run(tcp)
             results["b/a"] = statistics.median(
                 b.decode_tps / a.decode_tps for a, b in zip(local, tcp, strict=True)
             )
+            results["b_same"] = median_run(same)
+            results["b_same/a"] = statistics.median(
+                b.decode_tps / a.decode_tps for a, b in zip(local, same, strict=True)
+            )
 
             engine_batches: list[Batch] = []
             server_batches: list[Batch] = []
             for r in range(batch_repeats):
-                server_batches.append(
-                    await concurrent(server_stream, server_port, streams, tokens, r)
-                )
-                engine_batches.append(await concurrent(our_stream, ours, streams, tokens, r))
+                server_batches.append(await clients.batch("server", streams, tokens, r))
+                engine_batches.append(await clients.batch("ours", streams, tokens, r))
             results["c_ours"] = median_batch(engine_batches)
             results["c_server"] = median_batch(server_batches)
             results["c"] = statistics.median(
                 o.aggregate_tps / v.aggregate_tps
                 for o, v in zip(engine_batches, server_batches, strict=True)
             )
+        worker.terminate()
         server.terminate()
         nursery.cancel_scope.cancel()
     return results
@@ -317,6 +437,15 @@ def report(results: dict[str, Any], tokens: int, streams: int, console: Console)
         f"{b.ttft * 1e3:.1f}",
         f"{results['b/a']:.3f}x (a)",
     )
+    same: Run = results["b_same"]
+    table.add_row(
+        "  (b) again, client in the node's process",
+        "1",
+        str(same.tokens),
+        f"{same.decode_tps:.1f}",
+        f"{same.ttft * 1e3:.1f}",
+        f"{results['b_same/a']:.3f}x (a)",
+    )
     table.add_row(
         "(c) mlx_lm.server, HTTP",
         str(streams),
@@ -343,6 +472,10 @@ def report(results: dict[str, Any], tokens: int, streams: int, console: Console)
         "which cancels most drift in background load."
     )
     console.print(
+        "clients of (b) and (c) run in a child process (a node's clients are elsewhere); "
+        "the reference row puts the client in the node's process, where it shares the GIL."
+    )
+    console.print(
         f"targets: (b)/(a) = {results['b/a']:.3f} (>= 0.98), "
         f"(c) ours/server = {results['c']:.3f} (>= 1.0)"
     )
@@ -355,14 +488,32 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams in (c)")
     parser.add_argument("--repeats", type=int, default=7, help="single-stream pairs (median)")
     parser.add_argument("--batch-repeats", type=int, default=3, help="concurrent pairs (median)")
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serving side on the first CPU, clients on the others (Linux, 2+ CPUs)",
+    )
+    parser.add_argument("--client", nargs=2, metavar=("NODE", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.client:
+        trio.run(client_worker, args.client[0], int(args.client[1]))
+        return
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or build_tiny_model(Path(tmp) / "small", size="small")
+        pin = serving_and_client_cpus() if args.pin else None
         results = trio.run(
-            bench, model_dir, args.tokens, args.streams, args.repeats, args.batch_repeats
+            bench, model_dir, args.tokens, args.streams, args.repeats, args.batch_repeats, pin
         )
     report(results, args.tokens, args.streams, console)
+    if pin is None:
+        console.print("placement: not pinned (the OS places every process)")
+    else:
+        console.print(
+            f"placement: this process ((a), our node) and mlx_lm.server on CPU "
+            f"{sorted(pin[0])}, the client process on CPU {sorted(pin[1])}"
+        )
 
 
 if __name__ == "__main__":

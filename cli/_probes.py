@@ -101,10 +101,11 @@ def parse_thermal_pressure(output: str) -> Thermal | None:
 
 
 def parse_vm_stat(output: str) -> int | None:
-    """Bytes available without compressing or swapping: free, inactive and speculative pages."""
+    """Bytes available without compressing or swapping: free, inactive and speculative pages
+    (releases before 10.5 print no speculative line: none are counted)."""
     page = re.search(r"page size of (\d+) bytes", output)
     counts = dict(re.findall(r"^Pages (free|inactive|speculative):\s+(\d+)\.", output, re.M))
-    if page is None or len(counts) != 3:
+    if page is None or "free" not in counts or "inactive" not in counts:
         return None
     return sum(int(n) for n in counts.values()) * int(page[1])
 

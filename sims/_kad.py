@@ -12,6 +12,7 @@ peer's responder after the simulated network's delays, as timed callbacks.
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -143,7 +144,10 @@ class SimKad:
         self.server = server
         self.table = RoutingTable(peer_id, k=spec.k)
         self.records = RecordStore({"dbloom": validator})
-        self.providers = ProviderStore(ttl=spec.provider_ttl)
+        # Seeded per peer: a crowded key's reply samples stay the same run to run.
+        self.providers = ProviderStore(
+            ttl=spec.provider_ttl, rng=random.Random(peer_id.multihash)
+        )
         self.responder = KadResponder(
             self.table,
             self.records,

@@ -8,6 +8,8 @@ pushing against which limit.
 
 from __future__ import annotations
 
+import bisect
+import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -24,7 +26,9 @@ DEFAULT_MAX_RECORDS_PER_PEER: Final = 256
 DEFAULT_MAX_TOTAL_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_RECORD_TTL: Final = 36 * 3600.0  # go-libp2p's MaxRecordAge
 DEFAULT_PROVIDER_TTL: Final = 600.0  # Macs sleep: a stale provider costs a client a failed dial
-DEFAULT_MAX_PROVIDERS_PER_KEY: Final = 200
+DEFAULT_MAX_PROVIDERS_PER_KEY: Final = 10_000
+"""A popular model is served by thousands of Macs: each must stay findable, and a Sybil
+must announce as many peers as are kept to crowd the honest ones out."""
 DEFAULT_MAX_PROVIDER_KEYS: Final = 100_000
 DEFAULT_MAX_TOTAL_PROVIDERS: Final = 500_000
 
@@ -222,13 +226,20 @@ class _Provider:
     expires: float
 
 
+def _expiry(entry: _Provider) -> float:
+    return entry.expires
+
+
 class ProviderStore:
     """Who announced (ADD_PROVIDER) that they provide a key, for `ttl` seconds each.
 
     Per key, providers are kept in refresh order, newest last; past
-    `max_providers_per_key` the least recently refreshed is dropped, so the most
-    recent announcers are served. Keys are kept in last-touched order too, which
-    makes expiring whole keys cheap. `now` must not go backwards between calls.
+    `max_providers_per_key` the least recently refreshed is dropped. A key with more
+    live providers than a reply holds is answered with a fresh random sample of them,
+    so every provider gets found and served, not only the last few to announce (the
+    simulator showed 88% of 10,000 peers idle with most-recent-first replies). Keys are
+    kept in last-touched order too, which makes expiring whole keys cheap. `now` must
+    not go backwards between calls. `rng` draws the samples (seeded in the simulator).
     """
 
     def __init__(
@@ -238,8 +249,10 @@ class ProviderStore:
         max_providers_per_key: int = DEFAULT_MAX_PROVIDERS_PER_KEY,
         max_keys: int = DEFAULT_MAX_PROVIDER_KEYS,
         max_total_providers: int = DEFAULT_MAX_TOTAL_PROVIDERS,
+        rng: random.Random | None = None,
     ) -> None:
         self.ttl = ttl
+        self._rng = rng if rng is not None else random.Random()
         self.max_providers_per_key = max_providers_per_key
         self.max_keys = max_keys
         self.max_total_providers = max_total_providers
@@ -278,13 +291,14 @@ class ProviderStore:
         raise RecordRejected(reason, detail)
 
     def get(self, key: bytes, now: float, limit: int = 20) -> list[PeerInfo]:
-        """Up to `limit` unexpired providers of `key`, most recently refreshed first."""
-        out: list[PeerInfo] = []
-        for entry in reversed(self._keys.get(key, {}).values()):
-            if len(out) == limit or now >= entry.expires:
-                break  # refresh order is expiry order: the rest are older still
-            out.append(entry.info)
-        return out
+        """Up to `limit` unexpired providers of `key`: all of them, most recently
+        refreshed first, or a random sample when there are more."""
+        entries = list(self._keys.get(key, {}).values())
+        # Refresh order is expiry order: the live ones are a suffix.
+        live = entries[bisect.bisect_right(entries, now, key=_expiry) :]
+        if len(live) > limit:
+            return [entry.info for entry in self._rng.sample(live, limit)]
+        return [entry.info for entry in reversed(live)]
 
     def remove_expired(self, now: float) -> int:
         """Drop every expired provider (and keys left empty); returns how many went."""

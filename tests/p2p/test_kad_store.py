@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -289,7 +290,6 @@ def test_providers_newest_first() -> None:
     for i in range(3):
         providers.add(KEY, info(i, ADDR), float(i))
     assert ids(providers.get(KEY, 3.0)) == [KEYS[2].peer_id, KEYS[1].peer_id, KEYS[0].peer_id]
-    assert ids(providers.get(KEY, 3.0, limit=2)) == [KEYS[2].peer_id, KEYS[1].peer_id]
     assert providers.get(b"other", 3.0) == []
     assert len(providers) == 1 and providers.total_providers == 3
 
@@ -318,8 +318,29 @@ def test_refresh_without_addresses_keeps_the_known_ones() -> None:
     assert entry.connection is ConnectionType.CONNECTED
 
 
-def test_the_200_most_recent_providers_are_kept() -> None:
-    providers = ProviderStore()
+def test_a_crowded_key_is_answered_with_random_samples_that_reach_every_provider() -> None:
+    pids = [KeyPair.from_seed(i.to_bytes(32, "big")).peer_id for i in range(60)]
+
+    def crowded(seed: int) -> ProviderStore:
+        providers = ProviderStore(ttl=100.0, rng=random.Random(seed))
+        for n, pid in enumerate(pids):
+            providers.add(KEY, PeerInfo(peer_id=pid), float(n))
+        return providers
+
+    providers = crowded(5)
+    now = 120.0  # the first 20 have expired
+    seen: set[PeerId] = set()
+    for _ in range(30):
+        sample = ids(providers.get(KEY, now, limit=20))
+        assert len(sample) == len(set(sample)) == 20
+        assert set(sample) <= set(pids[21:])
+        seen.update(sample)
+    assert seen == set(pids[21:])
+    assert ids(crowded(5).get(KEY, now)) == ids(crowded(5).get(KEY, now))
+
+
+def test_the_most_recent_providers_are_kept() -> None:
+    providers = ProviderStore(max_providers_per_key=200)
     pids = [KeyPair.from_seed(i.to_bytes(32, "big")).peer_id for i in range(250)]
     for n, pid in enumerate(pids):
         providers.add(KEY, PeerInfo(peer_id=pid), float(n))

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dbloom.p2p._identity import PeerId
 from dbloom.p2p.kad._keys import KEY_BITS, peer_key
-from dbloom.p2p.kad._lookup import Finished, Lookup, Query, Waiting
+from dbloom.p2p.kad._lookup import DEFAULT_SLOW_AFTER, Finished, Lookup, Query, Waiting
 from dbloom.p2p.kad._table import RoutingTable
 
 
@@ -64,14 +64,16 @@ def test_alpha_queries_nearest_first_then_waits() -> None:
     assert queries(lookup, 0.0) == PEERS[:3]
     assert lookup.in_flight == (3,)
     step = lookup.next(1.0)
-    assert step == Waiting(until=10.0)  # the earliest query's timeout
+    assert step == Waiting(until=DEFAULT_SLOW_AFTER)  # when the first query turns slow
     assert lookup.on_success(PEERS[0], [], 2.0)
     assert queries(lookup, 2.0) == [PEERS[3]]
     assert lookup.contacted == 4 and lookup.succeeded == 1
 
 
 def test_waiting_until_is_capped_by_the_lookup_deadline() -> None:
-    lookup = Lookup(TARGET, PEERS[:1], peer_timeout=10.0, lookup_timeout=4.0, now=0.0)
+    lookup = Lookup(
+        TARGET, PEERS[:1], peer_timeout=10.0, slow_after=10.0, lookup_timeout=4.0, now=0.0
+    )
     assert queries(lookup, 0.0) == PEERS[:1]
     assert lookup.next(0.0) == Waiting(until=4.0)
     assert lookup.next(4.0) == Finished()
@@ -80,7 +82,7 @@ def test_waiting_until_is_capped_by_the_lookup_deadline() -> None:
 
 
 def test_timeout_fails_the_query_and_frees_its_slot() -> None:
-    lookup = Lookup(TARGET, PEERS[:3], alpha=1, k=3, peer_timeout=5.0, now=0.0)
+    lookup = Lookup(TARGET, PEERS[:3], alpha=1, k=3, peer_timeout=5.0, slow_after=5.0, now=0.0)
     assert queries(lookup, 0.0) == [PEERS[0]]
     assert queries(lookup, 4.9) == []
     assert queries(lookup, 5.0) == [PEERS[1]]
@@ -88,6 +90,32 @@ def test_timeout_fails_the_query_and_frees_its_slot() -> None:
     # The late reply is ignored: the peer already counts as failed.
     assert not lookup.on_success(PEERS[0], PEERS[10:20], 6.0)
     assert lookup.succeeded == 0
+
+
+def test_a_slow_peer_frees_its_slot_and_is_not_awaited() -> None:
+    lookup = Lookup(TARGET, PEERS[:4], alpha=1, k=2, peer_timeout=10.0, slow_after=2.0, now=0.0)
+    assert queries(lookup, 0.0) == [PEERS[0]]
+    assert lookup.next(1.0) == Waiting(until=2.0)
+    assert queries(lookup, 2.0) == [PEERS[1]]  # PEERS[0] is slow: its slot is free
+    assert lookup.in_flight == (1,) and lookup.outstanding == 2
+    assert lookup.on_success(PEERS[1], [], 2.5)
+    assert queries(lookup, 2.5) == [PEERS[2]]
+    assert lookup.on_success(PEERS[2], [], 3.0)
+    # PEERS[1] and PEERS[2] answered; the silent nearest one no longer holds the lookup.
+    assert lookup.next(3.0) == Finished()
+    assert lookup.closest() == [PEERS[1], PEERS[2]]
+
+
+def test_a_slow_reply_before_the_timeout_still_counts() -> None:
+    lookup = Lookup(TARGET, PEERS[5:8], alpha=1, k=3, peer_timeout=10.0, slow_after=2.0, now=0.0)
+    assert queries(lookup, 0.0) == [PEERS[5]]
+    assert queries(lookup, 2.0) == [PEERS[6]]
+    assert lookup.on_success(PEERS[5], PEERS[:2], 3.5)  # slow, but in time
+    assert lookup.succeeded == 1 and lookup.outstanding == 1 and lookup.in_flight == (1,)
+    assert queries(lookup, 3.9) == []  # α is 1 and PEERS[6] is not slow yet
+    assert queries(lookup, 4.0) == [PEERS[0]]  # PEERS[6] turns slow at 4.0
+    assert not lookup.on_success(PEERS[6], [], 12.0)  # past its timeout: failed
+    assert lookup.failed == 1 and lookup.in_flight == (1,)
 
 
 def test_reply_at_the_timeout_counts_as_failure_whatever_the_call_order() -> None:
@@ -233,7 +261,8 @@ def test_random_event_orders_keep_the_invariants(
 
     def check() -> None:
         assert all(0 <= n <= alpha for n in lookup.in_flight)
-        assert lookup.contacted == lookup.succeeded + lookup.failed + sum(lookup.in_flight)
+        assert lookup.contacted == lookup.succeeded + lookup.failed + lookup.outstanding
+        assert sum(lookup.in_flight) <= lookup.outstanding
         assert lookup.contacted == len(queried)
         assert lookup.closest() == by_distance(lookup.closest(), TARGET)
         assert len(lookup.closest()) <= k

@@ -187,6 +187,7 @@ class SimKad:
         other = world.kad_of(target)
 
         def fail() -> None:
+            self.table.query_failed(target)
             done(None, False)
 
         if other is None or not other.endpoint.online or other.endpoint.behind_nat:

@@ -377,6 +377,7 @@ class KademliaDHT:
                 self.rpc_failures += 1
                 log.debug("kad query to %s failed: %s", peer, exc)
                 lookup.on_failure(peer, trio.current_time())
+                self.table.query_failed(peer)
             changed.set()
             changed = trio.Event()
 

@@ -34,6 +34,9 @@ DEFAULT_REPLACEMENTS: Final = 20
 """Replacement candidates remembered per full bucket."""
 DEFAULT_CHECK_TIMEOUT: Final = 60.0
 """An unanswered liveness check older than this is presumed lost, so a newer one may start."""
+DEFAULT_MAX_FAILURES: Final = 2
+"""Queries in a row a table entry may leave unanswered before it is evicted: one lost
+packet is forgiven, a sleeping Mac is not kept."""
 
 KEY_BYTES: Final = KEY_BITS // 8
 
@@ -122,6 +125,7 @@ class RoutingTable:
         k: int = DEFAULT_K,
         replacements: int = DEFAULT_REPLACEMENTS,
         check_timeout: float = DEFAULT_CHECK_TIMEOUT,
+        max_failures: int = DEFAULT_MAX_FAILURES,
     ) -> None:
         if k < 1:
             raise ValueError("k must be >= 1")
@@ -129,11 +133,15 @@ class RoutingTable:
             raise ValueError("replacements must be >= 0")
         if check_timeout <= 0:
             raise ValueError("check_timeout must be > 0")
+        if max_failures < 1:
+            raise ValueError("max_failures must be >= 1")
         self.local: Final = local
         self.local_key: Final = peer_key(local)
         self.k: Final = k
         self.max_replacements: Final = replacements
         self.check_timeout: Final = check_timeout
+        self.max_failures: Final = max_failures
+        self._failures: dict[PeerId, int] = {}  # queries unanswered in a row, per entry
         self._buckets = [_Bucket() for _ in range(KEY_BITS)]
         # Every bucket entry (not replacements), and their keys as sorted integers for `closest`.
         self._entries: dict[PeerId, Entry] = {}
@@ -150,6 +158,8 @@ class RoutingTable:
         """
         if peer == self.local:
             return Ignored()
+        if self._failures:
+            self._failures.pop(peer, None)
         key = peer_key(peer)
         bucket = self._buckets[common_prefix_length(self.local_key, key)]
         bucket.refreshed = now
@@ -203,6 +213,26 @@ class RoutingTable:
             self._put(bucket, replace(entry, last_seen=now))
             return None
         return self._evict(bucket, candidate)
+
+    def query_failed(self, peer: PeerId) -> Entry | None:
+        """`peer` did not answer a query (timeout, refused dial, broken stream).
+
+        After `max_failures` in a row it is evicted and the freshest replacement takes
+        its place (returned, as by `on_liveness`): a Mac that went to sleep stops
+        costing every later lookup a query timeout. Hearing from the peer (`update`)
+        resets the count.
+        """
+        if peer not in self._entries:
+            return None
+        failures = self._failures.get(peer, 0) + 1
+        if failures < self.max_failures:
+            self._failures[peer] = failures
+            return None
+        entry = self._entries[peer]
+        bucket = self._buckets[common_prefix_length(self.local_key, entry.key)]
+        if bucket.check is not None and bucket.check[0] == peer:
+            bucket.check = None
+        return self._evict(bucket, peer)
 
     def remove(self, peer: PeerId) -> bool:
         """Forget `peer` (it failed repeatedly); a replacement takes its place.
@@ -394,6 +424,7 @@ class RoutingTable:
         self._entries[peer] = entry
 
     def _evict(self, bucket: _Bucket, peer: PeerId) -> Entry | None:
+        self._failures.pop(peer, None)
         del bucket.entries[peer]
         key = int.from_bytes(self._entries.pop(peer).key, "big")
         del self._keys[bisect.bisect_left(self._keys, key)]

@@ -364,3 +364,18 @@ def test_load_skips_us_and_known_peers_and_caches_overflow() -> None:
     assert entry is not None and entry.addrs == OTHER_ADDR and entry.last_seen == 5.0
     assert set(table.peers()) == {a, b}
     assert [x.peer for x in table.replacements(0)] == [d]
+
+
+def test_an_entry_that_keeps_failing_queries_is_replaced() -> None:
+    table = RoutingTable(LOCAL, k=2, replacements=2)
+    same_bucket = peers_in_bucket(0, 3)
+    for i, peer in enumerate(same_bucket):
+        table.update(peer, ADDR, float(i))
+    first, second, spare = same_bucket
+    assert table.query_failed(first) is None  # one lost reply is forgiven
+    table.update(first, ADDR, 5.0)  # it spoke: the count starts over
+    assert table.query_failed(first) is None
+    promoted = table.query_failed(first)
+    assert promoted is not None and promoted.peer == spare
+    assert first not in table and spare in table and second in table
+    assert table.query_failed(first) is None  # no longer an entry

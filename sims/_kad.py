@@ -187,7 +187,6 @@ class SimKad:
         other = world.kad_of(target)
 
         def fail() -> None:
-            self.table.query_failed(target)
             done(None, False)
 
         if other is None or not other.endpoint.online or other.endpoint.behind_nat:
@@ -428,6 +427,7 @@ class _LookupRun:
                 return
         else:
             self.lookup.on_failure(peer, now)
+            self.owner.table.query_failed(peer)  # as the real DHT: lookup queries only
         self.step()
 
     def _finish(self) -> None:

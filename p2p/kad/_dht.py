@@ -32,7 +32,7 @@ from .._ping import ping
 from .._wire import FrameReader, encode_frame
 from ._envelope import seal_node_record
 from ._keys import common_prefix_length, kad_key, node_record_key, peer_key
-from ._lookup import Finished, Lookup, Query, Waiting
+from ._lookup import DEFAULT_SLOW_AFTER, Finished, Lookup, Query, Waiting
 from ._messages import (
     DEFAULT_MAX_MESSAGE,
     KadMessage,
@@ -70,6 +70,7 @@ class KadConfig:
     k: int = 20
     alpha: int = 3
     query_timeout: float = 10.0
+    slow_after: float = DEFAULT_SLOW_AFTER
     lookup_timeout: float = 60.0
     disjoint_paths: int = 1
     provider_ttl: float = 600.0
@@ -354,6 +355,7 @@ class KademliaDHT:
             alpha=config.alpha,
             k=config.k,
             peer_timeout=config.query_timeout,
+            slow_after=config.slow_after,
             lookup_timeout=config.lookup_timeout,
             disjoint_paths=config.disjoint_paths,
             local=self.host.peer_id,

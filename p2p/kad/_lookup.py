@@ -49,8 +49,8 @@ class Query:
 class Waiting:
     """Nothing to send now: wait for a reply, or until `until`, then call `next` again.
 
-    `until` is the earliest in-flight query's timeout or the lookup's deadline,
-    whichever is sooner, so it is always set.
+    `until` is the earliest moment a query turns slow or times out, or the lookup's
+    deadline, whichever is sooner, so it is always set.
     """
 
     until: float

@@ -210,6 +210,7 @@ class RoutingTable:
         if entry is None:
             return None
         if alive:
+            self._failures.pop(candidate, None)
             self._put(bucket, replace(entry, last_seen=now))
             return None
         return self._evict(bucket, candidate)
@@ -217,19 +218,20 @@ class RoutingTable:
     def query_failed(self, peer: PeerId) -> Entry | None:
         """`peer` did not answer a query (timeout, refused dial, broken stream).
 
-        After `max_failures` in a row it is evicted and the freshest replacement takes
-        its place (returned, as by `on_liveness`): a Mac that went to sleep stops
-        costing every later lookup a query timeout. Hearing from the peer (`update`)
-        resets the count.
+        After `max_failures` in a row it is replaced by the freshest replacement
+        (returned, as by `on_liveness`): a Mac that went to sleep stops costing every
+        later lookup a query timeout. Only a replacement takes its place, never a gap:
+        when our own network is down every query fails, and evicting on that would
+        drain the table. Hearing from the peer (`update`, a live ping) resets the count.
         """
-        if peer not in self._entries:
+        entry = self._entries.get(peer)
+        if entry is None:
             return None
         failures = self._failures.get(peer, 0) + 1
-        if failures < self.max_failures:
-            self._failures[peer] = failures
-            return None
-        entry = self._entries[peer]
+        self._failures[peer] = failures
         bucket = self._buckets[common_prefix_length(self.local_key, entry.key)]
+        if failures < self.max_failures or not bucket.cache:
+            return None
         if bucket.check is not None and bucket.check[0] == peer:
             bucket.check = None
         return self._evict(bucket, peer)
@@ -286,9 +288,16 @@ class RoutingTable:
         k: int = DEFAULT_K,
         replacements: int = DEFAULT_REPLACEMENTS,
         check_timeout: float = DEFAULT_CHECK_TIMEOUT,
+        max_failures: int = DEFAULT_MAX_FAILURES,
     ) -> RoutingTable:
         """A new table filled from `snapshot()` output, so a restart rejoins at once."""
-        table = cls(local, k=k, replacements=replacements, check_timeout=check_timeout)
+        table = cls(
+            local,
+            k=k,
+            replacements=replacements,
+            check_timeout=check_timeout,
+            max_failures=max_failures,
+        )
         table.load(snapshot, now)
         return table
 

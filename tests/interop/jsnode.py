@@ -64,7 +64,7 @@ async def ensure_node_modules(timeout: float = NPM_CI_TIMEOUT) -> None:
     """
     _which("node")
     npm = _which("npm")
-    with trio.fail_after(timeout):
+    with trio.fail_after(2 * timeout):  # another worker's install may take `timeout`
         lock = await trio.to_thread.run_sync(_take_install_lock, abandon_on_cancel=True)
     with lock:
         if _node_modules_fresh():

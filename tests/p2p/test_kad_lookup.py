@@ -219,6 +219,7 @@ def test_constructor_validates() -> None:
         lambda: Lookup(TARGET, [], k=0, now=0.0),
         lambda: Lookup(TARGET, [], disjoint_paths=0, now=0.0),
         lambda: Lookup(TARGET, [], peer_timeout=0.0, now=0.0),
+        lambda: Lookup(TARGET, [], slow_after=0.0, now=0.0),
         lambda: Lookup(TARGET, [], lookup_timeout=-1.0, now=0.0),
         lambda: Lookup(b"short", [], now=0.0),
     ]

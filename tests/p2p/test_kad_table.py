@@ -379,3 +379,15 @@ def test_an_entry_that_keeps_failing_queries_is_replaced() -> None:
     assert promoted is not None and promoted.peer == spare
     assert first not in table and spare in table and second in table
     assert table.query_failed(first) is None  # no longer an entry
+
+
+def test_failures_never_empty_a_bucket_without_replacements() -> None:
+    # Our own network down: every query fails. Entries stay until someone can replace them.
+    table = RoutingTable(LOCAL, k=3)
+    peers = peers_in_bucket(0, 2)
+    for i, peer in enumerate(peers):
+        table.update(peer, ADDR, float(i))
+    for _ in range(5):
+        for peer in peers:
+            assert table.query_failed(peer) is None
+    assert all(peer in table for peer in peers)

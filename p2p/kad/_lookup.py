@@ -131,8 +131,8 @@ class Lookup:
     `k * disjoint_paths` peers so that every path starts with enough.
 
     A query out longer than `slow_after` turns slow (rust-libp2p's "unresponsive"): it
-    frees its α slot for another peer, and termination no longer waits for it, though a
-    reply before `peer_timeout` still counts. Without this one silent peer among the
+    frees its α slot for another peer, and termination no longer waits for it unless
+    the path has nobody else left to ask; a reply before `peer_timeout` still counts. Without this one silent peer among the
     nearest holds the whole lookup for `peer_timeout`, and with Macs going to sleep
     that is most lookups (the simulator measured `put` and `provide` at 20-30 s).
     """
@@ -306,6 +306,7 @@ class Lookup:
         path = self._paths[index]
         successes = 0
         undecided = False
+        slow = False
         for record in path.candidates:
             state = record.state
             if state is _State.SUCCEEDED:
@@ -314,7 +315,10 @@ class Lookup:
                     if successes >= self.k:
                         return _FINISHED
             elif state is _State.WAITING:
-                undecided = undecided or not record.slow
+                if record.slow:
+                    slow = True
+                else:
+                    undecided = True
             elif state is _State.NEW:
                 if path.in_flight >= self.alpha:
                     return _BUSY
@@ -326,7 +330,8 @@ class Lookup:
                 self._in_flight[record.peer] = record
                 self._contacted += 1
                 return Query(peer=record.peer)
-        return _BUSY if undecided else _FINISHED
+        # Out of candidates: a slow query is all that might still bring peers.
+        return _BUSY if undecided or slow else _FINISHED
 
     def _nearest(self, responder: PeerId, closer: Sequence[PeerId]) -> list[tuple[int, PeerId]]:
         """The `k` distinct peers of a reply nearest the target, skipping us and the responder."""

@@ -106,6 +106,15 @@ def test_a_slow_peer_frees_its_slot_and_is_not_awaited() -> None:
     assert lookup.closest() == [PEERS[1], PEERS[2]]
 
 
+def test_a_lone_slow_seed_is_waited_for() -> None:
+    # A fresh node with one bootstrap peer behind a slow path must not give up at 3 s.
+    lookup = Lookup(TARGET, [PEERS[9]], alpha=3, k=3, peer_timeout=10.0, slow_after=3.0, now=0.0)
+    assert queries(lookup, 0.0) == [PEERS[9]]
+    assert lookup.next(3.0) == Waiting(until=10.0)
+    assert lookup.on_success(PEERS[9], PEERS[:3], 5.0)
+    assert queries(lookup, 5.0) == PEERS[:3]
+
+
 def test_a_slow_reply_before_the_timeout_still_counts() -> None:
     lookup = Lookup(TARGET, PEERS[5:8], alpha=1, k=3, peer_timeout=10.0, slow_after=2.0, now=0.0)
     assert queries(lookup, 0.0) == [PEERS[5]]

@@ -132,9 +132,10 @@ class Lookup:
 
     A query out longer than `slow_after` turns slow (rust-libp2p's "unresponsive"): it
     frees its α slot for another peer, and termination no longer waits for it unless
-    the path has nobody else left to ask; a reply before `peer_timeout` still counts. Without this one silent peer among the
-    nearest holds the whole lookup for `peer_timeout`, and with Macs going to sleep
-    that is most lookups (the simulator measured `put` and `provide` at 20-30 s).
+    the path has nobody else left to ask; a reply before `peer_timeout` still counts.
+    Without this one silent peer among the nearest holds the whole lookup for
+    `peer_timeout`, and with Macs going to sleep that is most lookups (the simulator
+    measured `put` and `provide` at 20-30 s).
     """
 
     def __init__(

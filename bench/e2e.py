@@ -54,6 +54,7 @@ from typing import IO, Any, TypeVar, cast
 import httpx2
 import openai
 import trio
+from cpus import set_cpus
 from rich.console import Console
 from rich.table import Table
 
@@ -217,17 +218,6 @@ class Children:
             async with trio.open_nursery() as nursery:
                 for child in list(reversed(self.running)):
                     nursery.start_soon(self.stop, child)
-
-
-def set_cpus(pid: int, cpus: set[int]) -> None:
-    """Move every thread of `pid` onto `cpus` (on Linux affinity is per thread)."""
-    try:
-        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        threads = [pid]
-    for thread in threads:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(thread, cpus)
 
 
 @dataclass(frozen=True)

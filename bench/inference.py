@@ -29,7 +29,6 @@ Targets: (b)/(a) >= 0.98, (c) ours/server >= 1.0.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from cpus import set_cpus
 from rich.console import Console
 from rich.table import Table
 
@@ -305,13 +305,6 @@ def serving_and_client_cpus() -> tuple[set[int], set[int]] | None:
     if len(cpus) < 2:
         return None
     return {cpus[0]}, set(cpus[1:])
-
-
-def set_cpus(pid: int, cpus: set[int]) -> None:
-    """Move every thread of `pid` onto `cpus` (on Linux affinity is per thread)."""
-    for thread in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(thread), cpus)
 
 
 async def bench(

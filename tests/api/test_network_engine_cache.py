@@ -15,6 +15,7 @@ from typing import Any
 import openai
 import pytest
 import trio
+from node_records import make_offer, make_record
 
 from dbloom.api import create_app, serve_api
 from dbloom.api._network import SATURATED_REFRESH, NetworkEngine
@@ -27,7 +28,6 @@ from dbloom.inference import (
     EngineBusy,
     Final,
     GenerateRequest,
-    ModelOffer,
     NodeRecord,
     RequestTimeout,
     model_provider_key,
@@ -42,27 +42,9 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 def record(models: tuple[str, ...]) -> NodeRecord:
     offers = tuple(
-        ModelOffer(
-            id=m,
-            digest="ab" * 32,
-            context_length=2048,
-            decode_tps=100.0,
-            prefill_tps=500.0,
-            price_in=0,
-            price_out=0,
-        )
-        for m in models
+        make_offer(m, decode_tps=100.0, prefill_tps=500.0, price_in=0, price_out=0) for m in models
     )
-    return NodeRecord(
-        addrs=(),
-        models=offers,
-        max_batch=8,
-        active=0,
-        queued=0,
-        attest_kind="dev",
-        measurement="cd" * 32,
-        updated_ms=int(time.time() * 1000),
-    )
+    return make_record(models=offers, updated_ms=int(time.time() * 1000))
 
 
 def address(host: Host) -> str:

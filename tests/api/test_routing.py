@@ -6,29 +6,13 @@ import random
 from collections import Counter
 from dataclasses import replace
 
+from node_records import make_offer, make_record
+
 from dbloom.api._routing import Candidate, Router, RoutingPolicy
-from dbloom.inference import ModelOffer, NodeRecord
 from dbloom.p2p import KeyPair
 
-OFFER = ModelOffer(
-    id="tiny",
-    digest="ab" * 32,
-    context_length=2048,
-    decode_tps=150.0,
-    prefill_tps=900.0,
-    price_in=100_000,
-    price_out=500_000,
-)
-RECORD = NodeRecord(
-    addrs=(),
-    models=(OFFER,),
-    max_batch=8,
-    active=0,
-    queued=0,
-    attest_kind="dev",
-    measurement="cd" * 32,
-    updated_ms=1_790_000_000_000,
-)
+OFFER = make_offer()
+RECORD = make_record()
 
 
 def node(seed: int, **record_changes: int) -> Candidate:

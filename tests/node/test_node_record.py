@@ -10,31 +10,15 @@ import msgpack
 import pytest
 from fuzzing import mutations
 from hypothesis import given
+from node_records import make_offer, make_record
 
 from dbloom.api._routing import Candidate, Router, RoutingPolicy
-from dbloom.inference import ModelOffer, NodeRecord, decode_node_record
+from dbloom.inference import decode_node_record
 from dbloom.ledger._money import cost, format_price, parse_price
 from dbloom.p2p import DecodeError, KeyPair
 
-OFFER = ModelOffer(
-    id="tiny",
-    digest="ab" * 32,
-    context_length=2048,
-    decode_tps=150.0,
-    prefill_tps=900.0,
-    price_in=100_000,
-    price_out=500_000,
-)
-RECORD = NodeRecord(
-    addrs=("/ip4/127.0.0.1/tcp/4001",),
-    models=(OFFER,),
-    max_batch=8,
-    active=1,
-    queued=0,
-    attest_kind="dev",
-    measurement="cd" * 32,
-    updated_ms=1_790_000_000_000,
-)
+OFFER = make_offer()
+RECORD = make_record(addrs=("/ip4/127.0.0.1/tcp/4001",), active=1)
 
 
 def test_record_round_trip() -> None:

@@ -7,6 +7,7 @@ with the peer id, and the host goes on serving everyone else.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -61,6 +62,9 @@ class HostConfig:
     close_grace: float = 2.0
     max_connections: int = 1024
     max_pending_inbound: int = 64
+    """Inbound handshakes in progress. When full, a newcomer displaces the oldest handshake
+    of the source (IPv4 address, IPv6 /64, relayed peer) holding the most, unless that is
+    its own source: one source's silent sockets cannot lock everyone else out."""
     addr_ttl: float = 600.0
     identify_on_connect: bool = True
     early_muxer_negotiation: bool = True
@@ -247,12 +251,14 @@ class Host:
         self._listener_scopes: list[trio.CancelScope] = []
         self._connection_listeners: list[ConnectionListener] = []
         self._identify_listeners: list[IdentifyListener] = []
-        self._pending_inbound = 0
+        self._pending: dict[_PendingInbound, None] = {}  # oldest first
+        self._pending_per_source: dict[str, int] = {}
         self._protected: dict[PeerId, set[str]] = {}
         self._duplicates: set[Connection] = set()
         self._duplicates_changed = trio.Event()
         self._closing = False
         self.refused_inbound = 0
+        self.evicted_inbound = 0
 
     # ---- handlers and events -------------------------------------------------------
 
@@ -370,23 +376,31 @@ class Host:
         Listeners call this; so does the relay client for a circuit a relay terminated here.
         """
         config = self.config
+        source = _source_of(raw.remote_addr, expected_peer)
         if (
             self._closing
-            or self._pending_inbound >= config.max_pending_inbound
             or self.num_connections >= config.max_connections
+            or not self._make_room_for(source)
         ):
             self.refused_inbound += 1
             await trio.aclose_forcefully(raw.stream)
             return
-        self._pending_inbound += 1
+        pending = _PendingInbound(source)
+        self._pending[pending] = None
+        self._pending_per_source[source] = self._pending_per_source.get(source, 0) + 1
+        upgraded = None
         try:
-            upgraded = await self._upgrade(raw, initiator=False, expected_peer=expected_peer)
+            with pending.scope:
+                upgraded = await self._upgrade(raw, initiator=False, expected_peer=expected_peer)
         except DIAL_ERRORS as exc:
             log.info("inbound connection from %s failed its handshake: %s", raw.remote_addr, exc)
+        finally:
+            self._forget_pending(pending)
+        if upgraded is None:
+            if pending.scope.cancelled_caught:
+                log.info("inbound handshake from %s evicted: too many pending", raw.remote_addr)
             await trio.aclose_forcefully(raw.stream)
             return
-        finally:
-            self._pending_inbound -= 1
         conn = Connection(
             self,
             peer_id=upgraded.peer_id,
@@ -396,6 +410,33 @@ class Host:
             direction="inbound",
         )
         await self._serve_connection(conn)
+
+    def _make_room_for(self, source: str) -> bool:
+        """False if the handshake table is full and `source` already holds the most of it;
+        otherwise True, after evicting the oldest handshake of the source that does (an
+        honest handshake takes milliseconds: the oldest is likeliest a silent socket)."""
+        if len(self._pending) < self.config.max_pending_inbound:
+            return True
+        per_source = self._pending_per_source
+        if not per_source:  # a table of size 0 takes nobody
+            return False
+        heaviest = max(per_source, key=per_source.__getitem__)
+        if per_source.get(source, 0) + 1 > per_source[heaviest]:
+            return False
+        victim = next(p for p in self._pending if p.source == heaviest)
+        victim.scope.cancel()
+        self._forget_pending(victim)
+        self.evicted_inbound += 1
+        return True
+
+    def _forget_pending(self, pending: _PendingInbound) -> None:
+        if self._pending.pop(pending, None) is None:
+            return
+        left = self._pending_per_source[pending.source] - 1
+        if left:
+            self._pending_per_source[pending.source] = left
+        else:
+            del self._pending_per_source[pending.source]
 
     # ---- connections ---------------------------------------------------------------
 
@@ -694,6 +735,33 @@ class Host:
                 for conns in list(self._connections.values()):
                     for conn in list(conns):
                         nursery.start_soon(conn.aclose)
+
+
+class _PendingInbound:
+    """An inbound handshake in progress: where it comes from, and how to end it early."""
+
+    __slots__ = ("scope", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.scope = trio.CancelScope()
+
+
+def _source_of(addr: Multiaddr, expected_peer: PeerId | None) -> str:
+    """Who is behind an inbound connection, as far as limits go: its IPv4 address, its
+    IPv6 /64 (one home's share), or for a relayed one the peer the relay names."""
+    if "p2p-circuit" in addr.protocols():
+        return f"circuit/{expected_peer}"
+    ip4 = addr.value_for("ip4")
+    if ip4 is not None:
+        return ip4
+    ip6 = addr.value_for("ip6")
+    if ip6 is not None:
+        try:
+            return str(ipaddress.IPv6Network(f"{ip6}/64", strict=False))
+        except ValueError:
+            return ip6
+    return str(addr)
 
 
 def _describe(exc: BaseException) -> str:

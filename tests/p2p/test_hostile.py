@@ -196,3 +196,71 @@ async def test_short_ping_payloads_do_not_crash(size: int) -> None:
         with trio.fail_after(5):
             assert await stream.receive_some() == b""
         await good_peer_is_served(host)
+
+
+async def silent_sockets_from(host: Host, source_ip: str, count: int) -> list[trio.SocketStream]:
+    """`count` TCP connections from `source_ip` that never send a byte."""
+    address, port = tcp_host_port(host.listen_addrs[0])
+    sockets = []
+    for _ in range(count):
+        sock = trio.socket.socket()
+        try:
+            await sock.bind((source_ip, 0))
+        except OSError:
+            sock.close()
+            pytest.skip(f"cannot bind {source_ip} here (only 127.0.0.1 is a loopback address)")
+        await sock.connect((address, port))
+        sockets.append(trio.SocketStream(sock))
+    return sockets
+
+
+async def test_silent_sockets_from_one_address_cannot_lock_others_out() -> None:
+    # Every handshake slot held by sockets from 127.0.0.2 that never speak: a peer from
+    # another address still gets in (it displaces one of them), and the silent address
+    # cannot take the slot back while it holds the most.
+    config = HostConfig(max_pending_inbound=8, upgrade_timeout=60)
+    async with server(config) as host:
+        sockets = await silent_sockets_from(host, "127.0.0.2", 8)
+        with trio.fail_after(5):
+            while len(host._pending) < 8:
+                await trio.sleep(0.01)
+        await good_peer_is_served(host)
+        assert host.evicted_inbound >= 1
+        evicted = [s for s in sockets if await closed_within(s, 0.5)]
+        assert len(evicted) == host.evicted_inbound
+        # The good handshake finished, so one slot is free again: the silent address
+        # takes it, and its next socket finds the table full and itself the heaviest.
+        refill, late = await silent_sockets_from(host, "127.0.0.2", 2)
+        await wait_closed(late, timeout=5)
+        assert host.refused_inbound == 1
+        assert not await closed_within(refill, 0.2)
+        await good_peer_is_served(host)
+        for sock in [*sockets, refill]:
+            await sock.aclose()
+
+
+async def test_a_full_handshake_table_refuses_the_source_that_filled_it() -> None:
+    config = HostConfig(max_pending_inbound=4, upgrade_timeout=60)
+    async with server(config) as host:
+        sockets = await silent_sockets_from(host, "127.0.0.1", 4)
+        with trio.fail_after(5):
+            while len(host._pending) < 4:
+                await trio.sleep(0.01)
+        (late,) = await silent_sockets_from(host, "127.0.0.1", 1)
+        await wait_closed(late, timeout=5)
+        assert host.refused_inbound == 1 and host.evicted_inbound == 0
+        for sock in sockets:
+            assert not await closed_within(sock, 0.2)
+            await sock.aclose()
+
+
+async def closed_within(stream: trio.abc.Stream, seconds: float) -> bool:
+    """True if the server closed `stream` within `seconds` (EOF or reset)."""
+    with trio.move_on_after(seconds):
+        try:
+            while await stream.receive_some(65536):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+    return False

@@ -31,6 +31,15 @@ DEFAULT_MAX_PROVIDERS_PER_KEY: Final = 10_000
 must announce as many peers as are kept to crowd the honest ones out."""
 DEFAULT_MAX_PROVIDER_KEYS: Final = 100_000
 DEFAULT_MAX_TOTAL_PROVIDERS: Final = 500_000
+DEFAULT_MAX_PROVIDER_KEY_SIZE: Final = 128
+"""Provider keys are multihashes (34 bytes for sha2-256, 66 for sha2-512); anything far
+longer is an attempt to make us store a large blob under a key."""
+DEFAULT_MAX_KEYS_PER_PROVIDER: Final = 256
+"""Keys one peer may be provider of at once: a dbloom peer announces a few (its models,
+`dbloom:nodes`, `dbloom:relay`), so one identity cannot fill the store."""
+DEFAULT_MAX_PROVIDER_BYTES: Final = 64 * 1024 * 1024
+"""Keys and addresses held across all provider entries (each address counted as encoded)."""
+PROVIDER_ENTRY_OVERHEAD: Final = 64
 
 
 class Validator(Protocol):
@@ -224,6 +233,7 @@ class RecordStore:
 class _Provider:
     info: PeerInfo
     expires: float
+    size: int  # bytes counted against `max_total_bytes`
 
 
 def _expiry(entry: _Provider) -> float:
@@ -249,6 +259,9 @@ class ProviderStore:
         max_providers_per_key: int = DEFAULT_MAX_PROVIDERS_PER_KEY,
         max_keys: int = DEFAULT_MAX_PROVIDER_KEYS,
         max_total_providers: int = DEFAULT_MAX_TOTAL_PROVIDERS,
+        max_key_size: int = DEFAULT_MAX_PROVIDER_KEY_SIZE,
+        max_keys_per_provider: int = DEFAULT_MAX_KEYS_PER_PROVIDER,
+        max_total_bytes: int = DEFAULT_MAX_PROVIDER_BYTES,
         rng: random.Random | None = None,
     ) -> None:
         self.ttl = ttl
@@ -256,35 +269,64 @@ class ProviderStore:
         self.max_providers_per_key = max_providers_per_key
         self.max_keys = max_keys
         self.max_total_providers = max_total_providers
+        self.max_key_size = max_key_size
+        self.max_keys_per_provider = max_keys_per_provider
+        self.max_total_bytes = max_total_bytes
         self.rejected: Counter[str] = Counter()
         self._keys: dict[bytes, dict[PeerId, _Provider]] = {}
         self._total = 0
+        self._bytes = 0
+        self._per_provider: Counter[PeerId] = Counter()
 
     def add(self, key: bytes, provider: PeerInfo, now: float) -> None:
         """Record (or refresh) `provider` for `key` (the service checks it is the sender).
 
-        A refresh with no addresses keeps the addresses we had. Raises
-        RecordRejected ("quota-keys", "quota-total") when the store is full.
+        A refresh with no addresses keeps the addresses we had. Raises RecordRejected:
+        "key-size" for a key over `max_key_size`; "quota-provider" when the peer already
+        provides `max_keys_per_provider` keys; "quota-keys", "quota-total", "quota-bytes"
+        when the store is full.
         """
+        if len(key) > self.max_key_size:
+            self._reject("key-size", f"provider key of {len(key)} bytes")
         self._expire_stale_keys(now)
+        peer = provider.peer_id
         providers = self._keys.get(key)
-        old = providers.get(provider.peer_id) if providers is not None else None
+        old = providers.get(peer) if providers is not None else None
+        if old is not None and not provider.addrs:
+            provider = replace(provider, addrs=old.info.addrs)
+        size = PROVIDER_ENTRY_OVERHEAD + len(key) + sum(len(a.to_bytes()) for a in provider.addrs)
+        if old is None and self._per_provider[peer] >= self.max_keys_per_provider:
+            self._reject("quota-provider", f"{peer} already provides too many keys")
         if providers is None and len(self._keys) >= self.max_keys:
             self._reject("quota-keys", "too many provider keys")
         key_full = providers is not None and len(providers) >= self.max_providers_per_key
         if old is None and not key_full and self._total >= self.max_total_providers:
             self._reject("quota-total", "too many provider records")
+        if self._bytes - (old.size if old is not None else 0) + size > self.max_total_bytes:
+            self._reject("quota-bytes", "provider records use too much memory")
         providers = self._keys.pop(key, {})
         self._keys[key] = providers  # last touched goes last
         if old is not None:
-            del providers[provider.peer_id]
-            if not provider.addrs:
-                provider = replace(provider, addrs=old.info.addrs)
-        elif key_full:
-            del providers[next(iter(providers))]  # the least recently refreshed makes room
+            del providers[peer]
+            self._bytes -= old.size
         else:
+            if key_full:  # the least recently refreshed makes room
+                self._dropped(providers.pop(next(iter(providers))))
             self._total += 1
-        providers[provider.peer_id] = _Provider(provider, now + self.ttl)
+            self._per_provider[peer] += 1
+        self._bytes += size
+        providers[peer] = _Provider(provider, now + self.ttl, size)
+
+    def _dropped(self, entry: _Provider) -> None:
+        """Account for an entry that left the store."""
+        self._total -= 1
+        self._bytes -= entry.size
+        peer = entry.info.peer_id
+        left = self._per_provider[peer] - 1
+        if left:
+            self._per_provider[peer] = left
+        else:
+            del self._per_provider[peer]
 
     def _reject(self, reason: str, detail: str) -> NoReturn:
         self.rejected[reason] += 1
@@ -311,11 +353,10 @@ class ProviderStore:
                     break
                 expired.append(peer_id)
             for peer_id in expired:
-                del providers[peer_id]
+                self._dropped(providers.pop(peer_id))
             removed += len(expired)
             if not providers:
                 del self._keys[key]
-        self._total -= removed
         return removed
 
     def _expire_stale_keys(self, now: float) -> None:
@@ -326,12 +367,18 @@ class ProviderStore:
             if now < newest.expires:
                 return
             del self._keys[key]
-            self._total -= len(providers)
+            for entry in providers.values():
+                self._dropped(entry)
 
     @property
     def total_providers(self) -> int:
         """Provider entries held across all keys (expired ones until they are dropped)."""
         return self._total
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of keys and addresses held, counted against `max_total_bytes`."""
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._keys)

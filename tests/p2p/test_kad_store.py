@@ -397,3 +397,80 @@ def test_total_provider_limit() -> None:
     assert ids(providers.get(b"k1", 1.0)) == [KEYS[2].peer_id, KEYS[1].peer_id]
     assert providers.total_providers == 3
     assert providers.rejected == {"quota-total": 1}
+
+
+def test_an_oversized_provider_key_is_refused() -> None:
+    # A kad message may carry a 200 KB key; storing it would let one ADD_PROVIDER cost
+    # us 200 KB, thousands of times over.
+    providers = ProviderStore(max_key_size=128)
+    with pytest.raises(RecordRejected) as exc:
+        providers.add(b"k" * 129, info(0, ADDR), 0.0)
+    assert exc.value.reason == "key-size"
+    providers.add(b"k" * 128, info(0, ADDR), 0.0)
+    assert len(providers) == 1 and providers.rejected == {"key-size": 1}
+
+
+def test_one_provider_can_hold_only_its_share_of_keys() -> None:
+    providers = ProviderStore(max_keys_per_provider=3, ttl=10.0)
+    for n in range(3):
+        providers.add(b"k%d" % n, info(0, ADDR), 0.0)
+    with pytest.raises(RecordRejected) as exc:
+        providers.add(b"k3", info(0, ADDR), 0.0)
+    assert exc.value.reason == "quota-provider"
+    providers.add(b"k0", info(0, ADDR), 1.0)  # a refresh is not a new key
+    providers.add(b"k3", info(1, ADDR), 1.0)  # another peer is unaffected
+    # Once its entries expire, the peer may announce again.
+    assert providers.remove_expired(10.5) == 2
+    providers.add(b"k4", info(0, ADDR), 10.5)
+    providers.add(b"k5", info(0, ADDR), 10.5)
+    assert providers.total_providers == 4
+
+
+def test_provider_bytes_are_bounded_and_released() -> None:
+    long_addr = Multiaddr.parse("/dns4/" + "a" * 200 + ".example/tcp/4001")
+    entry = 64 + len(b"k0") + len(long_addr.to_bytes())
+    providers = ProviderStore(max_total_bytes=2 * entry, ttl=10.0)
+    providers.add(b"k0", info(0, long_addr), 0.0)
+    providers.add(b"k1", info(1, long_addr), 0.0)
+    assert providers.total_bytes == 2 * entry
+    with pytest.raises(RecordRejected) as exc:
+        providers.add(b"k2", info(2, long_addr), 0.0)
+    assert exc.value.reason == "quota-bytes"
+    providers.add(b"k1", info(1), 1.0)  # a refresh keeps its size
+    assert providers.total_bytes == 2 * entry
+    assert providers.remove_expired(10.5) == 1
+    assert providers.total_bytes == entry
+    providers.add(b"k2", info(2, long_addr), 10.5)
+    assert providers.total_bytes == 2 * entry
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.integers(0, 7), st.integers(0, 5), st.integers(0, 3), st.booleans()),
+        max_size=60,
+    )
+)
+def test_provider_accounting_matches_what_is_stored(
+    ops: list[tuple[int, int, int, bool]],
+) -> None:
+    """Counts, bytes and per-peer shares always equal a recount, through refreshes,
+    evictions from full keys, expiry and refusals."""
+    providers = ProviderStore(
+        ttl=5.0, max_providers_per_key=3, max_keys_per_provider=2, max_total_providers=10
+    )
+    now = 0.0
+    for peer, key, step, with_addr in ops:
+        now += step
+        if step == 3:
+            providers.remove_expired(now)
+        with contextlib.suppress(RecordRejected):
+            providers.add(b"k%d" % key, info(peer, *([ADDR] if with_addr else [])), now)
+        entries = [e for per_key in providers._keys.values() for e in per_key.values()]
+        assert providers.total_providers == len(entries)
+        assert providers.total_bytes == sum(e.size for e in entries)
+        shares: dict[PeerId, int] = {}
+        for e in entries:
+            shares[e.info.peer_id] = shares.get(e.info.peer_id, 0) + 1
+        assert dict(providers._per_provider) == shares
+        assert all(n <= 2 for n in shares.values())

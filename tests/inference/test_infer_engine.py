@@ -233,6 +233,46 @@ async def test_flood_past_the_queue_is_busy_not_a_hang(tiny_model: Path) -> None
             await collect(engine.generate(greedy("now there is room", 4)))
 
 
+async def test_a_prompt_far_beyond_the_context_is_refused_before_it_is_tokenized(
+    engine: MLXEngine,
+) -> None:
+    # A hostile 4 MiB prompt used to hold the tokenizer (and every request behind it) for
+    # seconds; now it is counted in pieces and refused once it surely cannot fit.
+    huge = greedy("ab " * 1_398_000, 4)
+    with trio.fail_after(30), pytest.raises(InvalidRequest, match=r"over \d+ tokens"):
+        await collect(engine.generate(huge))
+    # A prompt that fits, however many characters it spends per token, is still served:
+    # " decentralized" is one token of the generated vocabulary, 14 characters long.
+    words = 9 * (engine.info.context_length - 2) // 10
+    long_words = greedy(" decentralized" * words, 2)
+    _, final = await collect(engine.generate(long_words))
+    assert words <= final.prompt_tokens <= words + 1
+
+
+async def test_requests_being_tokenized_count_toward_busy(tiny_model: Path) -> None:
+    async with MLXEngine(tiny_model, model_id=MODEL_ID, max_batch=1, max_queue=1) as engine:
+        held = engine.generate(greedy(PROMPTS[0], 2000))
+        await held.start()
+        outcomes: list[tuple[str, int]] = []
+
+        async def admit(prompt: str) -> None:
+            try:
+                async with engine.generate(greedy(prompt, 1)) as generation:
+                    await generation.start()
+                    outcomes.append(("admitted", 0))
+            except EngineBusy:
+                # Refused at once, while the first is still with the tokenizer; before,
+                # each waited its turn at the tokenizer to be told.
+                outcomes.append(("busy", engine._admitting))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for prompt in PROMPTS[1:4]:
+                    nursery.start_soon(admit, prompt)
+        assert sorted(outcomes) == [("admitted", 0), ("busy", 1), ("busy", 1)]
+        await held.aclose()
+
+
 async def test_slow_consumer_is_dropped_without_slowing_the_batch(tiny_model: Path) -> None:
     async with MLXEngine(tiny_model, model_id=MODEL_ID, chunk_buffer=4) as engine:
         slow = engine.generate(greedy(PROMPTS[0], 500))

@@ -34,9 +34,13 @@ from ._errors import ApiError, internal_error, invalid
 from ._keys import ApiKeys
 from ._metrics import CONTENT_TYPE, Metrics
 from ._openai import parse_chat, parse_completion
-from ._relay import Relay, error_for, json_messages, log_failure
+from ._relay import Relay, error_for, json_messages, log_failure, logger
 from ._responses import parse_response
 from ._sse import dumps
+
+CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
+"""What the server's `send` raises once it is tearing the connection down (hypercorn
+writes its own close while our last message is still going out: BusyResourceError)."""
 
 MAX_BODY = 4 << 20
 DEFAULT_MAX_TOKENS = 1024
@@ -304,6 +308,14 @@ class _Gateway:
             else:
                 for message in json_messages(refusal.status, refusal.body(), refusal.headers):
                     await reply(message)
+        except CONNECTION_ENDED as exc:
+            # The server dropped the connection under our answer (the client hung up, or
+            # announced a body it never sent): nothing is wrong here, and nobody to tell.
+            logger.info(
+                "request %s: the connection ended while answering (%s)",
+                request_id,
+                type(exc).__name__,
+            )
         except Exception as exc:
             log_failure(request_id, exc)
             if status is None:

@@ -22,6 +22,7 @@ from dbloom.inference import (
 )
 
 CONTEXT_OVERFLOW = "exceeds the model's context"
+REQUEST_TOO_LARGE = "the request is larger than a node accepts"
 """How the engine's `InvalidRequest` words a prompt that does not fit the context."""
 
 
@@ -80,6 +81,8 @@ def known_error(exc: BaseException) -> ApiError | None:
     match exc:
         case InvalidRequest() if CONTEXT_OVERFLOW in exc.message:
             return invalid(exc.message, code="context_length_exceeded")
+        case InvalidRequest() if REQUEST_TOO_LARGE in exc.message:
+            return ApiError(413, exc.message, code="request_too_large")
         case InvalidRequest():
             return invalid(exc.message)
         case UnknownModel():

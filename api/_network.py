@@ -28,6 +28,7 @@ import trio
 
 from dbloom.attest import AttestationError, AttestationRefused, Attestor
 from dbloom.inference import (
+    DEFAULT_MAX_REQUEST,
     DIRECTORY_KEY,
     PROTOCOL_ID,
     Chunk,
@@ -45,6 +46,7 @@ from dbloom.inference import (
     RequestTimeout,
     UnknownModel,
     decode_node_record,
+    encode_message,
     infer,
     model_provider_key,
 )
@@ -68,7 +70,7 @@ from dbloom.p2p import (
 )
 from dbloom.p2p.kad import KademliaDHT, node_record_key, open_node_record, provider_key
 
-from ._errors import NoNodeAvailable
+from ._errors import REQUEST_TOO_LARGE, NoNodeAvailable
 from ._routing import Candidate, Router
 
 log = logging.getLogger(__name__)
@@ -403,6 +405,10 @@ class _RemoteGeneration(Generation):
 
     async def _connect(self) -> None:
         engine, request = self._engine, self._request
+        try:
+            encode_message(request, max_size=DEFAULT_MAX_REQUEST)
+        except LocalProtocolError as e:  # no node would take it: not "busy", and no retry
+            raise InvalidRequest(f"{REQUEST_TOO_LARGE} ({e})") from None
         candidates = await engine.candidates(request.model)
         if not candidates:
             if await engine.models():

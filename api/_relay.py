@@ -68,10 +68,13 @@ def _body(data: bytes, *, more: bool) -> Message:
     return {"type": "http.response.body", "body": data, "more_body": more}
 
 
-async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+async def _watch_disconnect(receive: Receive, relay: Relay, scope: trio.CancelScope) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    scope.cancel()
+    # The server also reports a disconnect while taking the response's last message;
+    # cancelling then would cut short its own bookkeeping (closing the connection).
+    if not relay.responded:
+        scope.cancel()
 
 
 class Relay(Response):
@@ -82,17 +85,21 @@ class Relay(Response):
         self._engine = engine
         self._metrics = metrics
         self._stall = stall
+        self.responded = False
+        """True once the response's last message is on its way to the server."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
+                nursery.start_soon(_watch_disconnect, receive, self, nursery.cancel_scope)
                 await self._relay(send)
                 nursery.cancel_scope.cancel()
         except* ClientStalled:
             logger.info("request %s: the client stopped reading", self._call.request_id)
 
     async def _send(self, send: Send, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.responded = True
         try:
             with trio.fail_after(self._stall):
                 await send(message)

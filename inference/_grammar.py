@@ -22,7 +22,7 @@ import contextlib
 import copy
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import llguidance
 
@@ -67,17 +67,38 @@ def _format_schema(response_format: ResponseFormat) -> str:
 
 def _call_schema(tool: Tool) -> str:
     """A call to `tool` as the JSON a Qwen/Hermes-style model writes between its markers."""
+    arguments = _rebase_refs(json.loads(tool.parameters), "#/properties/arguments")
     return _compact(
         {
             "type": "object",
-            "properties": {
-                "name": {"const": tool.name},
-                "arguments": json.loads(tool.parameters),
-            },
+            "properties": {"name": {"const": tool.name}, "arguments": arguments},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
     )
+
+
+_DATA_KEYWORDS: Final = frozenset({"const", "enum", "default", "examples"})
+"""Keywords whose values are JSON data, not schemas: a "$ref" inside them is a string."""
+
+
+def _rebase_refs(schema: Any, base: str) -> Any:
+    """`schema` with its local references (`#`, `#/$defs/X`, ...) pointing into `base`,
+    where it is about to be nested: Pydantic-style parameters refer to their own
+    `$defs`, which would otherwise be looked up at the root of the wrapping schema."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        ref = node.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            node["$ref"] = base + ref[1:]
+        stack.extend(value for key, value in node.items() if key not in _DATA_KEYWORDS)
+    return schema
 
 
 def _marker(text: str, token: int | None) -> str:

@@ -70,6 +70,34 @@ async def test_forced_tool_call_not_streamed(shim: Shim) -> None:
     check_arguments(call.function.name, call.function.arguments)
 
 
+async def test_parameters_with_their_own_defs_are_enforced(shim: Shim) -> None:
+    # Pydantic writes nested models as "$ref": "#/$defs/...". Nested inside the call's
+    # schema, those pointers must still reach the parameters' own $defs.
+    parameters = {
+        "$defs": {
+            "Unit": {"enum": ["c", "f"]},
+            "Place": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+        "type": "object",
+        "properties": {"place": {"$ref": "#/$defs/Place"}, "unit": {"$ref": "#/$defs/Unit"}},
+        "required": ["place", "unit"],
+        "additionalProperties": False,
+    }
+    tool: Any = {"type": "function", "function": {"name": "get_weather", "parameters": parameters}}
+    async with async_client(shim) as client:
+        answer = await client.chat.completions.create(
+            model=MODEL_ID, messages=USER, tools=[tool], tool_choice="required", max_tokens=120
+        )
+    (call,) = answer.choices[0].message.tool_calls or []
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, parameters)
+
+
 async def test_streamed_tool_calls_as_openai_streams_them(shim: Shim) -> None:
     async with async_client(shim) as client:
         stream = await client.chat.completions.create(

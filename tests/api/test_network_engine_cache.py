@@ -18,6 +18,7 @@ import trio
 from node_records import make_offer, make_record
 
 from dbloom.api import create_app, serve_api
+from dbloom.api._errors import known_error
 from dbloom.api._network import SATURATED_REFRESH, NetworkEngine
 from dbloom.api._routing import Router, RoutingPolicy
 from dbloom.attest import Attestor, Policy
@@ -28,6 +29,7 @@ from dbloom.inference import (
     EngineBusy,
     Final,
     GenerateRequest,
+    InvalidRequest,
     NodeRecord,
     RequestTimeout,
     model_provider_key,
@@ -320,3 +322,19 @@ async def test_when_every_node_is_full_the_shim_looks_for_more(shim_model: Path)
                 await c.start()
                 assert c.node == str(second.identity.peer_id)
         assert a.node == b.node == str(first.identity.peer_id)
+
+
+async def test_a_request_no_node_would_accept_is_a_413_not_busy() -> None:
+    # Just under the HTTP body limit, the request to a node (with its receipt fields) is
+    # just over the protocol's: answering 429 made SDKs retry what can never succeed.
+    async with dht() as d:
+        engine = await d.engine()
+        huge = GenerateRequest(
+            model=MODEL, messages=(ChatMessage(role="user", content="a" * (4 << 20)),)
+        )
+        with trio.fail_after(10), pytest.raises(InvalidRequest) as info:
+            async with engine.generate(huge) as generation:
+                await generation.start()
+        error = known_error(info.value)
+        assert error is not None and error.status == 413
+        assert error.body()["error"]["code"] == "request_too_large"

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import jsonschema
+import llguidance
 import msgpack
 import pytest
 import trio
@@ -410,3 +411,36 @@ async def test_structured_output_over_the_wire(server_port: int) -> None:
         chunks, final = await infer_all(stream, constrained(PERSON))
     jsonschema.validate(json.loads(text_of(chunks)), PERSON)
     assert final.finish_reason is FinishReason.STOP
+
+
+def test_tool_parameters_may_refer_to_their_own_definitions() -> None:
+    """Pointers into the parameters' own `$defs` (and to their root, recursively) still
+    resolve once the parameters sit inside the call's schema; data is left alone."""
+    tree = {
+        "$defs": {
+            "Node": {
+                "type": "object",
+                "properties": {
+                    "label": {"const": {"$ref": "#/not/a/reference"}},
+                    "children": {"type": "array", "maxItems": 2, "items": {"$ref": "#/$defs/Node"}},
+                },
+                "required": ["label"],
+            }
+        },
+        "type": "object",
+        "properties": {"root": {"$ref": "#/$defs/Node"}, "again": {"$ref": "#"}},
+        "required": ["root"],
+    }
+    tool = Tool(name="plant", parameters=json.dumps(tree))
+    grammar = request_grammar(
+        GenerateRequest(model="m", messages=MESSAGES, tools=(tool,), tool_choice="required"),
+        JSON_SYNTAX,
+    )
+    assert grammar is not None
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        llguidance.LLMatcher.grammar_from_lark(grammar), None
+    )
+    assert not is_error, messages
+    assert "#/properties/arguments/$defs/Node" in grammar
+    assert '"#/properties/arguments"' in grammar
+    assert "#/not/a/reference" in grammar

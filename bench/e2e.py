@@ -1072,6 +1072,12 @@ def report(results: dict[str, Any], opts: Options, console: Console) -> None:
     notes = [
         f"1: {opts.samples} samples of each kind, rotated; {TTFT_TOKENS} tokens asked; p99 "
         + ", ".join(f"{k} {pct(ttft[k], 0.99) * 1e3:.1f} ms" for k in ttft)
+        + "; median of the per-round differences from local (less drift than a difference "
+        "of medians): "
+        + ", ".join(
+            f"{k} {p50([a - b for a, b in zip(ttft[k], ttft['local'], strict=True)]) * 1e3:+.1f} ms"
+            for k in ("direct", "warm", "cold")
+        )
         + "; cold = a fresh ShimNode per sample (new identity, bootstrapped, then connected "
         "to the bootstrap node only).",
         f"2-3: medians of per-pair ratios, sides back to back in rotating order; decode tok/s "

@@ -218,6 +218,9 @@ class _Endpoints:
         return self._relay(parse_messages(body, request_id=_request_id(request)))
 
 
+KEY_HEADERS = (b"authorization", b"x-api-key")
+
+
 def _presented_key(headers: dict[bytes, bytes]) -> str:
     """The key as OpenAI clients send it (`Authorization: Bearer`), else as Anthropic's do
     (`x-api-key`); empty when there is neither."""
@@ -269,8 +272,13 @@ class _Gateway:
         """Why the request may not proceed without a valid key, or None if it may."""
         if self.keys is None or scope["path"] in OPEN_PATHS:
             return None
+        names = [name for name, _ in scope["headers"]]
+        repeated = [n.decode() for n in KEY_HEADERS if names.count(n) > 1]
         key = _presented_key(dict(scope["headers"]))
-        if not key:
+        if repeated:  # which one counts would be the server's guess
+            message = f"more than one {repeated[0]} header: send one API key"
+            code = "invalid_api_key"
+        elif not key:
             message = "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`"
             code = "missing_api_key"
         elif not self.keys.verify(key):

@@ -218,8 +218,12 @@ def function_tool(fields: Fields) -> Tool:
     parameters = _json_text(fields, "parameters")
     try:
         tool = Tool(name=name, description=description, **_given("parameters", parameters))
-    except InvalidRequest as exc:
-        raise invalid(exc.message, param=fields.param("name")) from None
+    except InvalidRequest as exc:  # its message names the field: "tool parameters ..."
+        field = next(
+            (f for f in ("description", "parameters") if exc.message.startswith(f"tool {f}")),
+            "name",
+        )
+        raise invalid(exc.message, param=fields.param(field)) from None
     _enforceable(tool.parameters, fields.param("parameters"))
     return tool
 

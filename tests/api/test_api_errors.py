@@ -198,6 +198,10 @@ async def test_keys_required(shim_model: Path, engine: MLXEngine, tmp_path: Path
             assert (await http.get("/health")).status_code == 200
             assert_error(await http.get("/metrics"), 401)
             assert_error(await http.post(CHAT, content=b"not even json"), 401)
+            # Two keys, one of them good: refused whichever comes first.
+            for first, second in ((key, "dbk-wrong"), ("dbk-wrong", key)):
+                both = [("authorization", f"Bearer {first}"), ("authorization", f"Bearer {second}")]
+                assert_error(await http.get("/v1/models", headers=both), 401)
         async with async_client(shim, api_key=key) as client:
             models = await client.models.list()
             assert [m.id for m in models.data] == [MODEL_ID]

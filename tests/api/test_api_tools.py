@@ -271,6 +271,23 @@ BAD: list[tuple[dict[str, Any], str, str | None]] = [
         "tools[0].function.parameters",
         "unsupported_schema",
     ),
+    (
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"description": "x" * (1 << 17)}},
+                }
+            ]
+        },
+        "tools[0].function.parameters",
+        None,
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "description": "d" * 10**5}}]},
+        "tools[0].function.description",
+        None,
+    ),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", None),
     (
         {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},

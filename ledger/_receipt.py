@@ -38,8 +38,6 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 import msgpack
-import nacl.exceptions
-import nacl.signing
 
 from dbloom.p2p import DecodeError, KeyPair, KeyType, PeerId, PublicKey
 
@@ -407,11 +405,7 @@ def _check_node_signature(body: ReceiptBody, signature: bytes) -> None:
 
 
 def _verifies(key: bytes, message: bytes, signature: bytes) -> bool:
-    try:
-        nacl.signing.VerifyKey(key).verify(message, signature)
-    except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
-        return False
-    return True
+    return PublicKey(KeyType.ED25519, key).verify(message, signature)
 
 
 def _unpack(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
@@ -21,6 +22,11 @@ from . import _protobuf as pb
 from ._base58 import b32decode, b32encode, b58decode, b58encode
 from ._errors import DecodeError
 from ._wire import decode_uvarint
+
+VERIFIED_CACHE_SIZE: Final = 1 << 16
+"""Valid signatures remembered, so the same signed bytes are checked once: a lookup
+receives one node record from several peers, and the simulator runs 10,000 peers in one
+process (a signature check is about 55 µs; the digest of what was checked, 1 µs)."""
 
 IDENTITY_MULTIHASH: Final = 0x00
 SHA256_MULTIHASH: Final = 0x12
@@ -68,19 +74,48 @@ class PublicKey:
         return cls(key_type, data)
 
     def verify(self, message: bytes, signature: bytes) -> bool:
-        """True if `signature` is this key's valid signature over `message`."""
+        """True if `signature` is this key's valid signature over `message`.
+
+        Signatures already found valid are remembered (see `VERIFIED_CACHE_SIZE`).
+        """
         try:
+            proof = _proof(int(self.key_type), self.data, message, signature)
+            if proof in _verified:
+                return True
             if self.key_type is KeyType.ED25519:
                 nacl.signing.VerifyKey(self.data).verify(message, signature)
-                return True
-            return _verify_with_cryptography(self.key_type, self.data, message, signature)
+            elif not _verify_with_cryptography(self.key_type, self.data, message, signature):
+                return False
         except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
             return False
+        _remember(proof)
+        return True
 
     @property
     def peer_id(self) -> PeerId:
         """The peer id this key stands for."""
         return PeerId.from_public_key(self)
+
+
+_verified: dict[bytes, None] = {}  # digests of (key, message, signature) found valid
+_verified_lock = threading.Lock()
+
+
+def _proof(key_type: int, key: bytes, message: bytes, signature: bytes) -> bytes:
+    """A collision-resistant digest of one check, lengths included so fields cannot shift."""
+    digest = hashlib.blake2b(digest_size=32)
+    for part in (key, signature, message):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    digest.update(bytes((key_type,)))
+    return digest.digest()
+
+
+def _remember(proof: bytes) -> None:
+    with _verified_lock:
+        _verified[proof] = None
+        if len(_verified) > VERIFIED_CACHE_SIZE:
+            del _verified[next(iter(_verified))]
 
 
 def _verify_with_cryptography(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -252,7 +253,6 @@ class Host:
         self._connection_listeners: list[ConnectionListener] = []
         self._identify_listeners: list[IdentifyListener] = []
         self._pending: dict[_PendingInbound, None] = {}  # oldest first
-        self._pending_per_source: dict[str, int] = {}
         self._protected: dict[PeerId, set[str]] = {}
         self._duplicates: set[Connection] = set()
         self._duplicates_changed = trio.Event()
@@ -387,7 +387,6 @@ class Host:
             return
         pending = _PendingInbound(source)
         self._pending[pending] = None
-        self._pending_per_source[source] = self._pending_per_source.get(source, 0) + 1
         upgraded = None
         try:
             with pending.scope:
@@ -395,7 +394,7 @@ class Host:
         except DIAL_ERRORS as exc:
             log.info("inbound connection from %s failed its handshake: %s", raw.remote_addr, exc)
         finally:
-            self._forget_pending(pending)
+            self._pending.pop(pending, None)
         if upgraded is None:
             if pending.scope.cancelled_caught:
                 log.info("inbound handshake from %s evicted: too many pending", raw.remote_addr)
@@ -417,26 +416,17 @@ class Host:
         honest handshake takes milliseconds: the oldest is likeliest a silent socket)."""
         if len(self._pending) < self.config.max_pending_inbound:
             return True
-        per_source = self._pending_per_source
+        per_source = Counter(p.source for p in self._pending)
         if not per_source:  # a table of size 0 takes nobody
             return False
-        heaviest = max(per_source, key=per_source.__getitem__)
-        if per_source.get(source, 0) + 1 > per_source[heaviest]:
+        heaviest, most = per_source.most_common(1)[0]
+        if per_source[source] + 1 > most:
             return False
         victim = next(p for p in self._pending if p.source == heaviest)
         victim.scope.cancel()
-        self._forget_pending(victim)
+        del self._pending[victim]
         self.evicted_inbound += 1
         return True
-
-    def _forget_pending(self, pending: _PendingInbound) -> None:
-        if self._pending.pop(pending, None) is None:
-            return
-        left = self._pending_per_source[pending.source] - 1
-        if left:
-            self._pending_per_source[pending.source] = left
-        else:
-            del self._pending_per_source[pending.source]
 
     # ---- connections ---------------------------------------------------------------
 

@@ -221,9 +221,7 @@ async def test_silent_sockets_from_one_address_cannot_lock_others_out() -> None:
     config = HostConfig(max_pending_inbound=8, upgrade_timeout=60)
     async with server(config) as host:
         sockets = await silent_sockets_from(host, "127.0.0.2", 8)
-        with trio.fail_after(5):
-            while len(host._pending) < 8:
-                await trio.sleep(0.01)
+        await handshakes_pending(host, 8)
         await good_peer_is_served(host)
         assert host.evicted_inbound >= 1
         evicted = [s for s in sockets if await closed_within(s, 0.5)]
@@ -243,15 +241,20 @@ async def test_a_full_handshake_table_refuses_the_source_that_filled_it() -> Non
     config = HostConfig(max_pending_inbound=4, upgrade_timeout=60)
     async with server(config) as host:
         sockets = await silent_sockets_from(host, "127.0.0.1", 4)
-        with trio.fail_after(5):
-            while len(host._pending) < 4:
-                await trio.sleep(0.01)
+        await handshakes_pending(host, 4)
         (late,) = await silent_sockets_from(host, "127.0.0.1", 1)
         await wait_closed(late, timeout=5)
         assert host.refused_inbound == 1 and host.evicted_inbound == 0
         for sock in sockets:
             assert not await closed_within(sock, 0.2)
             await sock.aclose()
+
+
+async def handshakes_pending(host: Host, count: int) -> None:
+    """Wait until `count` inbound handshakes are under way on `host`."""
+    with trio.fail_after(5):
+        while len(host._pending) < count:
+            await trio.sleep(0.01)
 
 
 async def closed_within(stream: trio.abc.Stream, seconds: float) -> bool:

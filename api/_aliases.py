@@ -68,9 +68,10 @@ class AliasEngine(Engine):
         )
         return tuple(m for m in real if m.id not in self.aliases) + aliased
 
-    def generate(self, request: GenerateRequest) -> Generation:
+    def generate(self, request: GenerateRequest, *, client: str | None = None) -> Generation:
         target = self.aliases.get(request.model)
-        return self.engine.generate(request if target is None else replace(request, model=target))
+        aimed = request if target is None else replace(request, model=target)
+        return self.engine.generate(aimed, client=client)
 
     def load(self) -> EngineLoad:
         return self.engine.load()

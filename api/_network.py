@@ -351,7 +351,8 @@ class NetworkEngine(Engine):
         if not opened:
             self._pinged.pop(conn, None)
 
-    def generate(self, request: GenerateRequest) -> Generation:
+    def generate(self, request: GenerateRequest, *, client: str | None = None) -> Generation:
+        """`client` is unused: the shim is the only client of the nodes it asks."""
         return _RemoteGeneration(self, request)
 
     def load(self) -> EngineLoad:

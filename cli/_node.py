@@ -449,7 +449,12 @@ class PeerNode:
         with trio.CancelScope() as scope:
             self._requests.add(scope)
             try:
-                await serve_infer(stream, self.pool, sign_receipt=self._sign_receipt)
+                await serve_infer(
+                    stream,
+                    self.pool,
+                    sign_receipt=self._sign_receipt,
+                    client=str(stream.peer_id),
+                )
             finally:
                 self._requests.discard(scope)
         if scope.cancelled_caught:

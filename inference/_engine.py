@@ -101,8 +101,12 @@ class Engine(abc.ABC):
         """The models this engine serves."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerateRequest) -> Generation:
-        """Start (lazily) one generation; see `Generation` for the protocol."""
+    def generate(self, request: GenerateRequest, *, client: str | None = None) -> Generation:
+        """Start (lazily) one generation; see `Generation` for the protocol.
+
+        `client` names who asks (a node passes the authenticated peer id), so that an
+        engine with limited places can share them fairly; None is one anonymous client.
+        """
 
     @abc.abstractmethod
     def load(self) -> EngineLoad:

@@ -5,6 +5,12 @@ Shape:
 - trio tasks call `generate()`. Admission tokenizes (in a short `to_thread` call), checks
   the request against the model, and appends a slot to a bounded queue; past
   `max_batch + max_queue` it raises `EngineBusy` at once.
+- The places are shared fairly between clients (a node names each by its peer id). When
+  they are all taken, a newcomer takes the last queued place of the client holding the
+  most, if that client would still hold more than the newcomer (that request hears
+  "busy" and its shim tries another node); a freed batch slot goes to the queued request
+  whose client has the fewest running. One client alone may still use every place, and
+  a flooding client cannot lock others out of a node.
 - One long-lived worker thread (`trio.to_thread.run_sync`, owned by the engine's nursery)
   runs the decode loop. While it has work it never waits for trio: the trio side hands it
   requests and cancellations through two deques, and it posts each step's chunks back
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -89,6 +95,7 @@ class _Slot:
     prompt: list[int]
     send: trio.MemorySendChannel[Item]
     receive: trio.MemoryReceiveChannel[Item]
+    client: str | None = None
     grammar: Any = None
     state: str = "queued"
     error: EngineError | None = None
@@ -207,9 +214,10 @@ class _Active:
 class _MLXGeneration(Generation):
     """Consumer side of one request: admission, then reading its channel."""
 
-    def __init__(self, engine: MLXEngine, request: GenerateRequest) -> None:
+    def __init__(self, engine: MLXEngine, request: GenerateRequest, client: str | None) -> None:
         self._engine = engine
         self._request = request
+        self._client = client
         self._slot: _Slot | None = None
         self._started = False
         self._done = False
@@ -220,7 +228,7 @@ class _MLXGeneration(Generation):
         if self._started:
             return
         self._started = True
-        self._slot = await self._engine._admit(self._request)
+        self._slot = await self._engine._admit(self._request, self._client)
 
     async def __anext__(self) -> Item:
         if self._done:
@@ -308,9 +316,11 @@ class MLXEngine(Engine):
         self._jobs: deque[_Job] = deque()
         self._cancels: deque[int] = deque()
         self._numbers = itertools.count()
+        self._turns = itertools.count()
+        self._last_turn: dict[str | None, int] = {}  # per client: when it last got a slot
         self._wakeup = trio.Event()
         self._settled = trio.Event()
-        self._admitting = 0
+        self._admitting: Counter[str | None] = Counter()  # per client, while tokenizing
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._closed = True
         self._tokenize_limiter: trio.CapacityLimiter | None = None
@@ -375,8 +385,8 @@ class MLXEngine(Engine):
         await trio.lowlevel.checkpoint()
         return (self.info,)
 
-    def generate(self, request: GenerateRequest) -> Generation:
-        return _MLXGeneration(self, request)
+    def generate(self, request: GenerateRequest, *, client: str | None = None) -> Generation:
+        return _MLXGeneration(self, request, client)
 
     def load(self) -> EngineLoad:
         return EngineLoad(
@@ -388,17 +398,52 @@ class MLXEngine(Engine):
 
     # ---- trio side -------------------------------------------------------------------
 
-    def _check_open(self) -> None:
+    def _check_open(self, client: str | None, *, displace: bool) -> None:
+        """Room for one more request from `client`, made by displacement if need be.
+
+        Before tokenizing (`displace` False) this only asks whether there could be room:
+        a request that then turns out invalid must not have cost anyone their place.
+        """
         if self._closed:
             raise EngineClosed("the engine is not running")
         # Requests still being tokenized count too: otherwise any number could wait for
         # the tokenizer, and none would ever hear "busy".
-        waiting = len(self._queue) + self._admitting
-        if len(self._running) + waiting >= self._max_batch + self._max_queue:
+        waiting = len(self._queue) + self._admitting.total()
+        if len(self._running) + waiting < self._max_batch + self._max_queue:
+            return
+        if not self._displace_for(client, act=displace):
             raise EngineBusy(f"{len(self._running)} running and {waiting} queued; try another node")
 
-    async def _admit(self, request: GenerateRequest) -> _Slot:
-        self._check_open()
+    def _displace_for(self, client: str | None, *, act: bool) -> bool:
+        """All places are taken: give `client` the last queued place of the client holding
+        the most, if that one would still hold more than `client` does after. Only when
+        full, so the counts are taken here rather than kept."""
+        held = Counter(slot.client for slot in self._queue)
+        held.update(slot.client for slot in self._running.values())
+        held.update(self._admitting)
+        # Newest queued first, so a tie goes to the client that queued last.
+        others = [slot.client for slot in reversed(self._queue) if slot.client != client]
+        if not others:
+            return False
+        most = max(others, key=held.__getitem__)
+        if held[most] <= held[client] + 1:
+            return False
+        if not act:
+            return True
+        victim = next(slot for slot in reversed(self._queue) if slot.client == most)
+        self._queue.remove(victim)
+        total = self._max_batch + self._max_queue
+        self._finish(
+            victim,
+            EngineBusy(
+                f"displaced: your requests held {held[most]} of this node's {total} places "
+                "and another client had fewer; try another node"
+            ),
+        )
+        return True
+
+    async def _admit(self, request: GenerateRequest, client: str | None) -> _Slot:
+        self._check_open(client, displace=False)
         info = self.info
         if request.model != info.id:
             raise UnknownModel(f"this engine serves {info.id!r}, not {request.model!r}")
@@ -407,13 +452,15 @@ class MLXEngine(Engine):
                 f"logit_bias names a token id beyond the vocabulary ({info.vocab_size})"
             )
         assert self._tokenize_limiter is not None
-        self._admitting += 1
+        self._admitting[client] += 1
         try:
             prompt, grammar = await trio.to_thread.run_sync(
                 self._prepare, request, limiter=self._tokenize_limiter
             )
         finally:
-            self._admitting -= 1
+            self._admitting[client] -= 1
+            if not self._admitting[client]:
+                del self._admitting[client]
             if not self._admitting:
                 self._settled.set()
         if not prompt:
@@ -423,7 +470,7 @@ class MLXEngine(Engine):
                 f"prompt ({len(prompt)} tokens) plus max_tokens ({request.max_tokens}) exceeds "
                 f"the model's context of {info.context_length} tokens"
             )
-        self._check_open()
+        self._check_open(client, displace=True)
         send, receive = trio.open_memory_channel[Item](self._chunk_buffer)
         number = next(self._numbers)
         slot = _Slot(
@@ -433,6 +480,7 @@ class MLXEngine(Engine):
             prompt=prompt,
             send=send,
             receive=receive,
+            client=client,
             grammar=grammar,
         )
         self._queue.append(slot)
@@ -501,7 +549,7 @@ class MLXEngine(Engine):
         """Hand queued requests to the worker while the batch has room."""
         promoted = False
         while self._queue and len(self._running) < self._max_batch and not self._closed:
-            slot = self._queue.popleft()
+            slot = self._next_queued()
             slot.state = "running"
             self._running[slot.number] = slot
             self._jobs.append(
@@ -510,6 +558,24 @@ class MLXEngine(Engine):
             promoted = True
         if promoted:
             self._wakeup.set()
+
+    def _next_queued(self) -> _Slot:
+        """Take the oldest queued request of the client with the fewest running; between
+        equals, of the one whose last turn is longest ago, so clients take turns."""
+        queue = self._queue
+        running = Counter(slot.client for slot in self._running.values())
+        last = self._last_turn
+        chosen = min(
+            range(len(queue)),
+            key=lambda i: (running[queue[i].client], last.get(queue[i].client, -1), i),
+        )
+        slot = queue[chosen]
+        del queue[chosen]
+        last[slot.client] = next(self._turns)
+        if len(last) > 4 * (self._max_batch + self._max_queue):
+            present = {s.client for s in queue} | {s.client for s in self._running.values()}
+            self._last_turn = {c: t for c, t in last.items() if c in present or c == slot.client}
+        return slot
 
     def _finish(self, slot: _Slot, error: EngineError | None) -> None:
         slot.state = "done"

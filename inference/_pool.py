@@ -105,13 +105,13 @@ class EnginePool(Engine):
             found.extend(await engine.models())
         return tuple(found)
 
-    def generate(self, request: GenerateRequest) -> Generation:
+    def generate(self, request: GenerateRequest, *, client: str | None = None) -> Generation:
         if self.draining:
             return _Refused(EngineBusy("this node is shutting down"))
         engine = self.engines.get(request.model)
         if engine is None:
             return _Refused(UnknownModel(f"this node does not serve {request.model!r}"))
-        return _Metered(engine.generate(request), self)
+        return _Metered(engine.generate(request, client=client), self)
 
     def load(self) -> EngineLoad:
         loads = [e.load() for e in self.engines.values()]

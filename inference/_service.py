@@ -61,12 +61,14 @@ async def serve_infer(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
     sign_receipt: ReceiptSigner | None = None,
+    client: str | None = None,
 ) -> None:
     """Answer one request on `stream` with `engine`, then close the stream.
 
     Never raises for anything the client does: bad frames and refusals become Error
     frames, a vanished client just ends the generation. With `sign_receipt`, a request
     that names an account and an id gets the node's signed receipt in its `Final`.
+    `client` (the remote peer id on a node) is who the engine shares its places among.
     """
     core = InferServer(max_request_size=max_request_size)
     try:
@@ -86,7 +88,7 @@ async def serve_infer(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_client, stream, core, nursery.cancel_scope)
             error = await _stream_generation(
-                stream, core, engine, request, send_timeout, sign_receipt
+                stream, core, engine, request, send_timeout, sign_receipt, client
             )
             if error is not None:
                 await _send_error(stream, core, ErrorMessage.from_error(error))
@@ -127,13 +129,14 @@ async def _stream_generation(
     request: GenerateRequest,
     send_timeout: float,
     sign_receipt: ReceiptSigner | None,
+    client: str | None,
 ) -> EngineError | None:
     """Send every item; return the error to report, if any."""
     wants_receipt = sign_receipt is not None and request.account and request.request_id
     started_ms = int(time.time() * 1000)
     token_ids: list[int] = []
     try:
-        async with engine.generate(request) as generation:
+        async with engine.generate(request, client=client) as generation:
             async for item in generation:
                 if wants_receipt:
                     if isinstance(item, Chunk):

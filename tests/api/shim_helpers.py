@@ -143,7 +143,7 @@ class ScriptedEngine(Engine):
         await trio.lowlevel.checkpoint()
         return (TINY_INFO,)
 
-    def generate(self, request: GenerateRequest) -> Generation:
+    def generate(self, request: GenerateRequest, *, client: str | None = None) -> Generation:
         return _ScriptedGeneration(self._chunks, self._error, self._refuse)
 
     def load(self) -> EngineLoad:

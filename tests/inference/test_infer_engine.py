@@ -249,6 +249,53 @@ async def test_a_prompt_far_beyond_the_context_is_refused_before_it_is_tokenized
     assert words <= final.prompt_tokens <= words + 1
 
 
+async def test_a_flooding_client_cannot_lock_others_out(tiny_model: Path) -> None:
+    async with MLXEngine(tiny_model, model_id=MODEL_ID, max_batch=1, max_queue=3) as engine:
+        flood = [engine.generate(greedy(p, 2000), client="flood") for p in PROMPTS[:4]]
+        for generation in flood:
+            await generation.start()  # one running, three queued: every place taken
+        with pytest.raises(EngineBusy, match="running"):
+            await engine.generate(greedy("more", 1), client="flood").start()
+
+        # A newcomer takes the flood's newest queued place; that request hears "busy".
+        first = engine.generate(greedy(PROMPTS[4], 2), client="fair")
+        await first.start()
+        with trio.fail_after(1), pytest.raises(EngineBusy, match=r"displaced: .* held 4 of"):
+            await flood[3].__anext__()
+        second = engine.generate(greedy(PROMPTS[5], 2), client="fair")
+        await second.start()  # 3 against 1 still: one more place changes hands
+        with trio.fail_after(1), pytest.raises(EngineBusy, match="displaced"):
+            await flood[2].__anext__()
+        # Two each now: nobody else gives way, for the flood or for the newcomer.
+        for client in ("fair", "flood"):
+            with pytest.raises(EngineBusy, match="running"):
+                await engine.generate(greedy("and more", 1), client=client).start()
+
+        # A freed slot goes to the client whose turn is longest ago, not to the oldest
+        # queued request (the flood's): the newcomer is served next.
+        await flood[0].aclose()
+        with trio.fail_after(10):
+            _, final = await collect(first)
+        assert final.finish_reason is FinishReason.LENGTH
+        assert [slot.client for slot in engine._running.values()] == ["flood"]
+        for generation in (second, flood[1]):
+            await generation.aclose()
+
+
+async def test_a_refused_request_costs_nobody_their_place(tiny_model: Path) -> None:
+    async with MLXEngine(tiny_model, model_id=MODEL_ID, max_batch=1, max_queue=2) as engine:
+        held = [engine.generate(greedy(p, 2000), client="busy") for p in PROMPTS[:3]]
+        for generation in held:
+            await generation.start()
+        too_long = greedy("x " * engine.info.context_length, 4)
+        for _ in range(3):
+            with pytest.raises(InvalidRequest):
+                await engine.generate(too_long, client="hostile").start()
+        assert engine.load().queued == 2  # the heavy client kept every queued place
+        for generation in held:
+            await generation.aclose()
+
+
 async def test_requests_being_tokenized_count_toward_busy(tiny_model: Path) -> None:
     async with MLXEngine(tiny_model, model_id=MODEL_ID, max_batch=1, max_queue=1) as engine:
         held = engine.generate(greedy(PROMPTS[0], 2000))
@@ -263,7 +310,7 @@ async def test_requests_being_tokenized_count_toward_busy(tiny_model: Path) -> N
             except EngineBusy:
                 # Refused at once, while the first is still with the tokenizer; before,
                 # each waited its turn at the tokenizer to be told.
-                outcomes.append(("busy", engine._admitting))
+                outcomes.append(("busy", engine._admitting.total()))
 
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -10,6 +11,7 @@ from infer_helpers import MODEL_ID, infer_all, tokens_of
 from dbloom.inference import (
     PROTOCOL_ID,
     Chunk,
+    EngineBusy,
     Final,
     GenerateRequest,
     MLXEngine,
@@ -56,3 +58,49 @@ async def test_greedy_through_the_encrypted_host_equals_mlx(
                 ids.pop()
             assert results[prompt] == ids
         assert client.num_connections == 1  # three requests, one connection, three streams
+
+
+async def test_a_flooding_peer_cannot_lock_another_out(tiny_model: Path) -> None:
+    engine = MLXEngine(tiny_model, model_id=MODEL_ID, max_batch=1, max_queue=2)
+
+    async def handler(stream: NetStream) -> None:
+        await serve_infer(stream, engine, client=str(stream.peer_id))
+
+    def request(prompt: str, max_tokens: int) -> GenerateRequest:
+        return GenerateRequest(
+            model=MODEL_ID, prompt=prompt, max_tokens=max_tokens, temperature=0.0
+        )
+
+    async with (
+        engine,
+        open_host(KeyPair.generate(), listen=["/ip4/127.0.0.1/tcp/0"]) as node,
+        open_host(KeyPair.generate()) as flooder,
+        open_host(KeyPair.generate()) as honest,
+        trio.open_nursery() as nursery,
+    ):
+        node.set_stream_handler(PROTOCOL_ID, handler)
+        flood_outcomes: list[str] = []
+
+        async def flood(max_tokens: int) -> None:
+            try:
+                await ask(flooder, node, request("flood", max_tokens))
+                flood_outcomes.append("served")
+            except EngineBusy as exc:
+                flood_outcomes.append(str(exc))
+
+        nursery.start_soon(flood, 200)  # runs first, so it ends within seconds
+        with trio.fail_after(10):
+            while engine.load().active < 1:
+                await trio.sleep(0.01)
+        for _ in range(2):
+            nursery.start_soon(flood, 2000)
+        with trio.fail_after(10):
+            while engine.load().free:
+                await trio.sleep(0.01)
+
+        with trio.fail_after(60):
+            _, final = await ask(honest, node, request("my turn", 4))
+        assert final.completion_tokens == 4
+        assert any(o.startswith("displaced") for o in flood_outcomes)
+        assert "served" in flood_outcomes
+        nursery.cancel_scope.cancel()

@@ -231,7 +231,7 @@ class ScriptedEngine(Engine):
     def load(self) -> EngineLoad:
         return EngineLoad(active=0, queued=0, max_batch=1, max_queue=0)
 
-    def generate(self, request: GenerateRequest) -> Generation:
+    def generate(self, request: GenerateRequest, *, client: str | None = None) -> Generation:
         items = iter(self.items)
 
         class Replay(Generation):

@@ -142,7 +142,8 @@ class RoutingTable:
         self.check_timeout: Final = check_timeout
         self.max_failures: Final = max_failures
         self._failures: dict[PeerId, int] = {}  # queries unanswered in a row, per entry
-        self._buckets = [_Bucket() for _ in range(KEY_BITS)]
+        # Made on first use: a table of 10,000 peers fills about 14 of the 256.
+        self._buckets: dict[int, _Bucket] = {}
         # Every bucket entry (not replacements), and their keys as sorted integers for `closest`.
         self._entries: dict[PeerId, Entry] = {}
         self._keys: list[int] = []
@@ -161,7 +162,7 @@ class RoutingTable:
         if self._failures:
             self._failures.pop(peer, None)
         key = peer_key(peer)
-        bucket = self._buckets[common_prefix_length(self.local_key, key)]
+        bucket = self._bucket(common_prefix_length(self.local_key, key))
         bucket.refreshed = now
         addrs = tuple(addrs)
         old = bucket.entries.get(peer)
@@ -200,10 +201,8 @@ class RoutingTable:
         """
         key = peer_key(candidate)
         index = common_prefix_length(self.local_key, key)
-        if index >= KEY_BITS:
-            return None
-        bucket = self._buckets[index]
-        if bucket.check is None or bucket.check[0] != candidate:
+        bucket = self._buckets.get(index)
+        if bucket is None or bucket.check is None or bucket.check[0] != candidate:
             return None
         bucket.check = None
         entry = bucket.entries.get(candidate)
@@ -243,10 +242,8 @@ class RoutingTable:
         """
         entry = self._entries.get(peer)
         if entry is None:
-            index = common_prefix_length(self.local_key, peer_key(peer))
-            if index >= KEY_BITS:
-                return False
-            return self._buckets[index].cache.pop(peer, None) is not None
+            cached = self._buckets.get(common_prefix_length(self.local_key, peer_key(peer)))
+            return cached is not None and cached.cache.pop(peer, None) is not None
         bucket = self._buckets[common_prefix_length(self.local_key, entry.key)]
         if bucket.check is not None and bucket.check[0] == peer:
             bucket.check = None
@@ -266,7 +263,7 @@ class RoutingTable:
             if peer == self.local or peer in self._entries:
                 continue
             key = peer_key(peer)
-            bucket = self._buckets[common_prefix_length(self.local_key, key)]
+            bucket = self._bucket(common_prefix_length(self.local_key, key))
             entry = Entry(peer=peer, key=key, addrs=tuple(addrs), last_seen=now)
             if len(bucket.entries) < self.k:
                 bucket.cache.pop(peer, None)
@@ -308,7 +305,7 @@ class RoutingTable:
         """
         return [
             (entry.peer, entry.addrs)
-            for bucket in self._buckets
+            for _, bucket in sorted(self._buckets.items())
             for entry in sorted(bucket.entries.values(), key=_last_seen)
         ]
 
@@ -353,11 +350,11 @@ class RoutingTable:
 
     def bucket(self, index: int) -> list[Entry]:
         """Bucket `index`'s entries, least recently seen first (for inspection)."""
-        return sorted(self._buckets[index].entries.values(), key=_last_seen)
+        return sorted(self._bucket(index).entries.values(), key=_last_seen)
 
     def replacements(self, index: int) -> list[Entry]:
         """Bucket `index`'s replacement cache, oldest first (for inspection)."""
-        return list(self._buckets[index].cache.values())
+        return list(self._bucket(index).cache.values())
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -369,24 +366,25 @@ class RoutingTable:
 
     def touch_bucket(self, index: int, now: float) -> None:
         """Mark bucket `index` as refreshed: it just saw traffic or a lookup."""
-        self._buckets[index].refreshed = now
+        self._bucket(index).refreshed = now
 
     def note_lookup(self, target: bytes, now: float) -> None:
         """A lookup for `target` ran, which refreshes the bucket `target` falls in."""
         index = common_prefix_length(self.local_key, target)
         if index < KEY_BITS:
-            self._buckets[index].refreshed = now
+            self._bucket(index).refreshed = now
 
     def stale_buckets(self, now: float, interval: float) -> list[int]:
         """Buckets to refresh: every index up to the deepest non-empty bucket (empty
         ones included, as lookups there are how we discover peers near us) that
         saw no update or lookup within `interval`."""
-        deepest = next((i for i in range(KEY_BITS - 1, -1, -1) if self._buckets[i].entries), -1)
-        return [
-            i
-            for i in range(deepest + 1)
-            if (refreshed := self._buckets[i].refreshed) is None or now - refreshed >= interval
-        ]
+        deepest = max((i for i, bucket in self._buckets.items() if bucket.entries), default=-1)
+        stale = []
+        for i in range(deepest + 1):
+            bucket = self._buckets.get(i)
+            if bucket is None or bucket.refreshed is None or now - bucket.refreshed >= interval:
+                stale.append(i)
+        return stale
 
     def random_key_in_bucket(self, index: int, rng: RandomBits) -> bytes:
         """A random keyspace target sharing exactly `index` leading bits with our key;
@@ -401,6 +399,14 @@ class RoutingTable:
         return key.to_bytes(KEY_BYTES, "big")
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _bucket(self, index: int) -> _Bucket:
+        bucket = self._buckets.get(index)
+        if bucket is None:
+            if not 0 <= index < KEY_BITS:
+                raise IndexError(f"bucket index must be in [0, {KEY_BITS})")
+            bucket = self._buckets[index] = _Bucket()
+        return bucket
 
     def _run_holding(self, goal: int, need: int) -> tuple[int, int]:
         """Bounds, in the sorted keys, of the longest prefix of `goal` shared by `need` keys."""

@@ -391,3 +391,19 @@ def test_failures_never_empty_a_bucket_without_replacements() -> None:
         for peer in peers:
             assert table.query_failed(peer) is None
     assert all(peer in table for peer in peers)
+
+
+def test_a_table_makes_only_the_buckets_it_uses() -> None:
+    # 10,000 simulated peers each hold a table: 256 empty buckets apiece were most of
+    # the simulator's memory.
+    rng = random.Random(7)
+    table = RoutingTable(make_peer(b"local"), k=20)
+    for peer in random_peers(rng, 2000):
+        table.update(peer, [], 0.0)
+    made = len(table._buckets)
+    assert made <= 16
+    assert table.bucket(KEY_BITS - 1) == [] and table.replacements(200) == []
+    with pytest.raises(IndexError):
+        table.bucket(KEY_BITS)
+    deepest = max(i for i in range(KEY_BITS) if table.bucket(i))
+    assert table.stale_buckets(5.0, 1.0) == list(range(deepest + 1))

@@ -7,10 +7,14 @@ Shape:
   `max_batch + max_queue` it raises `EngineBusy` at once.
 - The places are shared fairly between clients (a node names each by its peer id). When
   they are all taken, a newcomer takes the last queued place of the client holding the
-  most, if that client would still hold more than the newcomer (that request hears
-  "busy" and its shim tries another node); a freed batch slot goes to the queued request
-  whose client has the fewest running. One client alone may still use every place, and
-  a flooding client cannot lock others out of a node.
+  most, if that client holds at least two more than the newcomer (so it still holds at
+  least as many after; its request hears "busy" and its shim tries another node). A
+  client that gives up a place it took that way within `DISPLACED_MEMORY` seconds is
+  counted as still holding it, so admit-and-cancel cannot knock others out for free. A
+  freed batch slot goes to the queued request whose client has the fewest running, then
+  whose client's turn is longest ago. One client alone may still use every place; a
+  flooding client cannot lock others out of the queue (with `max_queue` 0 nothing is
+  queued, so nothing can change hands).
 - One long-lived worker thread (`trio.to_thread.run_sync`, owned by the engine's nursery)
   runs the decode loop. While it has work it never waits for trio: the trio side hands it
   requests and cancellations through two deques, and it posts each step's chunks back
@@ -64,6 +68,8 @@ PLAIN_CHARS_PER_TOKEN = 8
 """A text longer than this many characters per token the context allows is counted in
 pieces first (see `_encode_within`): real text averages about four."""
 COUNT_PIECE_CHARS = 16_384
+DISPLACED_MEMORY = 10.0
+"""Seconds a place taken by displacement still counts as held once given up."""
 
 Item = Chunk | Final
 
@@ -98,6 +104,7 @@ class _Slot:
     client: str | None = None
     grammar: Any = None
     state: str = "queued"
+    displaced_someone: bool = False
     error: EngineError | None = None
 
 
@@ -318,6 +325,8 @@ class MLXEngine(Engine):
         self._numbers = itertools.count()
         self._turns = itertools.count()
         self._last_turn: dict[str | None, int] = {}  # per client: when it last got a slot
+        # Per client: when it gave up places it had taken by displacement.
+        self._given_up: dict[str | None, deque[float]] = {}
         self._wakeup = trio.Event()
         self._settled = trio.Event()
         self._admitting: Counter[str | None] = Counter()  # per client, while tokenizing
@@ -403,12 +412,14 @@ class MLXEngine(Engine):
 
         Before tokenizing (`displace` False) this only asks whether there could be room:
         a request that then turns out invalid must not have cost anyone their place.
+        Requests still being tokenized count then: otherwise any number could wait for
+        the tokenizer, and none would ever hear "busy". After tokenizing they do not
+        (each will be checked in its turn), so a request is never refused for one that
+        came after it.
         """
         if self._closed:
             raise EngineClosed("the engine is not running")
-        # Requests still being tokenized count too: otherwise any number could wait for
-        # the tokenizer, and none would ever hear "busy".
-        waiting = len(self._queue) + self._admitting.total()
+        waiting = len(self._queue) + (0 if displace else self._admitting.total())
         if len(self._running) + waiting < self._max_batch + self._max_queue:
             return
         if not self._displace_for(client, act=displace):
@@ -416,13 +427,23 @@ class MLXEngine(Engine):
 
     def _displace_for(self, client: str | None, *, act: bool) -> bool:
         """All places are taken: give `client` the last queued place of the client holding
-        the most, if that one would still hold more than `client` does after. Only when
-        full, so the counts are taken here rather than kept."""
+        the most, if that one holds at least two more than `client`. Only when full, so
+        the counts are taken here rather than kept.
+
+        Before tokenizing (`act` False), requests still tokenizing count as possible
+        victims: the tokenizer serves in turn, so they are queued (or gone) by the time
+        this request comes back to displace, and a flood of slow tokenizations cannot
+        hold every place out of reach.
+        """
         held = Counter(slot.client for slot in self._queue)
         held.update(slot.client for slot in self._running.values())
         held.update(self._admitting)
+        held[client] += self._recently_given_up(client)
         # Newest queued first, so a tie goes to the client that queued last.
-        others = [slot.client for slot in reversed(self._queue) if slot.client != client]
+        pool = [slot.client for slot in reversed(self._queue)]
+        if not act:
+            pool += list(self._admitting)
+        others = [other for other in pool if other != client]
         if not others:
             return False
         most = max(others, key=held.__getitem__)
@@ -470,6 +491,9 @@ class MLXEngine(Engine):
                 f"prompt ({len(prompt)} tokens) plus max_tokens ({request.max_tokens}) exceeds "
                 f"the model's context of {info.context_length} tokens"
             )
+        # A caller cancelled while its prompt was tokenized must not displace anyone.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        full = len(self._running) + len(self._queue) >= self._max_batch + self._max_queue
         self._check_open(client, displace=True)
         send, receive = trio.open_memory_channel[Item](self._chunk_buffer)
         number = next(self._numbers)
@@ -482,6 +506,7 @@ class MLXEngine(Engine):
             receive=receive,
             client=client,
             grammar=grammar,
+            displaced_someone=full,
         )
         self._queue.append(slot)
         self._promote()
@@ -548,8 +573,12 @@ class MLXEngine(Engine):
     def _promote(self) -> None:
         """Hand queued requests to the worker while the batch has room."""
         promoted = False
+        running: Counter[str | None] | None = None
         while self._queue and len(self._running) < self._max_batch and not self._closed:
-            slot = self._next_queued()
+            if running is None:
+                running = Counter(slot.client for slot in self._running.values())
+            slot = self._next_queued(running)
+            running[slot.client] += 1
             slot.state = "running"
             self._running[slot.number] = slot
             self._jobs.append(
@@ -559,14 +588,16 @@ class MLXEngine(Engine):
         if promoted:
             self._wakeup.set()
 
-    def _next_queued(self) -> _Slot:
-        """Take the oldest queued request of the client with the fewest running; between
+    def _next_queued(self, running: Counter[str | None]) -> _Slot:
+        """Take the oldest queued request of the client with the fewest `running`; between
         equals, of the one whose last turn is longest ago, so clients take turns."""
         queue = self._queue
-        running = Counter(slot.client for slot in self._running.values())
+        first: dict[str | None, int] = {}
+        for i, queued in enumerate(queue):
+            first.setdefault(queued.client, i)
         last = self._last_turn
         chosen = min(
-            range(len(queue)),
+            first.values(),
             key=lambda i: (running[queue[i].client], last.get(queue[i].client, -1), i),
         )
         slot = queue[chosen]
@@ -584,10 +615,29 @@ class MLXEngine(Engine):
         if self._running.pop(slot.number, None) is not None:
             self._promote()
 
+    def _recently_given_up(self, client: str | None) -> int:
+        times = self._given_up.get(client)
+        if times is None:
+            return 0
+        horizon = trio.current_time() - DISPLACED_MEMORY
+        while times and times[0] < horizon:
+            times.popleft()
+        if not times:
+            del self._given_up[client]
+        return len(times)
+
+    def _remember_given_up(self, client: str | None) -> None:
+        if len(self._given_up) > 4 * (self._max_batch + self._max_queue):
+            for other in list(self._given_up):
+                self._recently_given_up(other)  # drops the clients with nothing recent
+        self._given_up.setdefault(client, deque()).append(trio.current_time())
+
     def _withdraw(self, slot: _Slot) -> None:
         """The consumer left: drop a queued slot, or ask the worker to drop a running one."""
         if slot.state == "queued":
             self._queue.remove(slot)
+            if slot.displaced_someone:
+                self._remember_given_up(slot.client)
         elif slot.state == "running":
             self._cancels.append(slot.number)
         else:

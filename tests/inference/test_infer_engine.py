@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from infer_helpers import MODEL_ID, collect, text_of, tokens_of
 
 from dbloom.inference import (
@@ -292,6 +294,110 @@ async def test_a_refused_request_costs_nobody_their_place(tiny_model: Path) -> N
             with pytest.raises(InvalidRequest):
                 await engine.generate(too_long, client="hostile").start()
         assert engine.load().queued == 2  # the heavy client kept every queued place
+        for generation in held:
+            await generation.aclose()
+
+
+async def test_places_held_while_tokenizing_can_change_hands(tiny_model: Path) -> None:
+    # A flood of requests still with the tokenizer (slow ones, or ones that will be
+    # refused once counted) used to hold every place out of a newcomer's reach.
+    async with MLXEngine(tiny_model, model_id=MODEL_ID, max_batch=1, max_queue=2) as engine:
+        running = engine.generate(greedy(PROMPTS[0], 2000), client="flood")
+        await running.start()
+        tokenizer = engine._tokenize_limiter
+        assert tokenizer is not None
+        outcomes: dict[str, str] = {}
+
+        async def admit(name: str, client: str) -> None:
+            generation = engine.generate(greedy(name, 2000), client=client)
+            try:
+                await generation.start()
+                outcomes[name] = "queued"
+                await generation.__anext__()
+            except EngineBusy as exc:
+                outcomes[name] = str(exc)
+
+        async with trio.open_nursery() as nursery:
+            await tokenizer.acquire()  # the flood's next two wait at the tokenizer
+            for name in ("flood 1", "flood 2"):
+                nursery.start_soon(admit, name, "flood")
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine._admitting.total() == 2  # every place is taken
+            nursery.start_soon(admit, "fair", "fair")
+            await trio.testing.wait_all_tasks_blocked()
+            assert "fair" not in outcomes  # not refused: waiting at the tokenizer in turn
+            tokenizer.release()
+            with trio.fail_after(10):
+                while len(outcomes) < 3:
+                    await trio.sleep(0.01)
+            assert outcomes.pop("fair") == "queued"
+            # Whichever of the flood's queued last gave way (trio starts tasks in any order).
+            assert sorted(o[:9] for o in outcomes.values()) == ["displaced", "queued"]
+            nursery.cancel_scope.cancel()
+        await running.aclose()
+
+
+async def test_admitting_and_cancelling_cannot_displace_others_for_free(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("dbloom.inference._mlx_engine.DISPLACED_MEMORY", 0.5)
+    async with MLXEngine(tiny_model, model_id=MODEL_ID, max_batch=1, max_queue=3) as engine:
+        shim = [engine.generate(greedy(p, 2000), client="shim") for p in PROMPTS[:4]]
+        for generation in shim:
+            await generation.start()
+
+        async def churn() -> int:
+            """Take a place and give it up at once, refilling the shim's, until refused."""
+            displaced = 0
+            while displaced < 20:
+                grab = engine.generate(greedy("grab", 2000), client="churner")
+                try:
+                    await grab.start()
+                except EngineBusy:
+                    return displaced
+                displaced += 1
+                await grab.aclose()
+                assert engine.load().queued == 2
+                refill = engine.generate(greedy("refill", 2000), client="shim")
+                await refill.start()
+                shim.append(refill)
+            return displaced
+
+        # Each place taken and given up still counts for a while, so a churner holding
+        # nothing displaces at most 3 of the shim's 4 per memory span, not without end.
+        assert await churn() == 3
+        await trio.sleep(0.6)  # forgotten: a newcomer's fair share is back
+        assert await churn() == 3
+        for generation in shim:
+            await generation.aclose()
+
+
+async def test_a_request_cancelled_while_tokenized_displaces_nobody(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with MLXEngine(tiny_model, model_id=MODEL_ID, max_batch=1, max_queue=2) as engine:
+        held = [engine.generate(greedy(p, 2000), client="busy") for p in PROMPTS[:3]]
+        for generation in held:
+            await generation.start()
+        in_thread = threading.Event()
+        go_on = threading.Event()
+        prepare = engine._prepare
+
+        def slow_prepare(request: GenerateRequest) -> Any:
+            in_thread.set()
+            go_on.wait(10)
+            return prepare(request)
+
+        monkeypatch.setattr(engine, "_prepare", slow_prepare)
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(engine.generate(greedy("leaving", 4), client="gone").start)
+                await trio.to_thread.run_sync(in_thread.wait, 10)
+                scope.cancel()  # the tokenizing thread cannot be interrupted...
+                go_on.set()
+        assert scope.cancelled_caught
+        # ...but the cancelled request took nobody's place.
+        assert [slot.client for slot in engine._queue] == ["busy", "busy"]
         for generation in held:
             await generation.aclose()
 

@@ -34,7 +34,7 @@ class InsecureBind(ValueError):
     """Serving beyond loopback without API keys would open the node to anyone."""
 
 
-class KeyStoreError(Exception):
+class KeyStoreError(ValueError):
     """The API key file is unreadable, malformed or writable by other users."""
 
 

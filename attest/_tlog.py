@@ -248,6 +248,7 @@ class TransparencyLog:
         self._tree = _merkle.MerkleTree()
         self._index: dict[bytes, int] = {}
         self._offset = 0
+        self._unterminated = False
 
     @classmethod
     def init(cls, folder: Path) -> TransparencyLog:
@@ -327,6 +328,9 @@ class TransparencyLog:
                 return existing
             index = len(self._tree)
             line = _encode_entry(index, measurement, note, time.time_ns() // 1_000_000)
+            if self._unterminated:
+                line = b"\n" + line
+                self._unterminated = False
             handle.seek(self._offset)
             handle.write(line)
             handle.flush()
@@ -367,20 +371,40 @@ class TransparencyLog:
             raise LogError(f"{self._entries} is missing; the log is incomplete") from None
 
     def _read_new(self, handle: BinaryIO) -> int:
-        """Read complete entries past `_offset`; returns the size of a torn tail, if any."""
+        """Read the entries past `_offset`; returns the size of a torn tail, if any.
+
+        A last line without its newline is kept when it is a valid entry (an editor or a
+        copy may drop a final newline; `add` puts it back): only a crash mid-write leaves
+        a tail that is not one, and that tail was never part of the log.
+        """
         handle.seek(self._offset)
         data = handle.read()
-        complete = data[: data.rfind(b"\n") + 1]
-        for line in complete.split(b"\n")[:-1]:
-            measurement = self._decode_entry(line)
-            if measurement in self._index:
-                raise LogError(
-                    f"{self._entries}: entry {len(self)} repeats entry "
-                    f"{self._index[measurement]}; the log is corrupted"
-                )
-            self._remember(measurement)
+        if self._unterminated and data.startswith(b"\n"):
+            data = data[1:]
+            self._offset += 1
+            self._unterminated = False
+        *lines, tail = data.split(b"\n")
+        for line in lines:
+            self._accept(line)
             self._offset += len(line) + 1
-        return len(data) - len(complete)
+        if tail:
+            try:
+                self._accept(tail)
+            except LogError:
+                return len(tail)
+            self._offset += len(tail)
+            self._unterminated = True
+        return 0
+
+    def _accept(self, line: bytes) -> None:
+        """Add the entry `line` to the tree, or raise `LogError` if it is not the next one."""
+        measurement = self._decode_entry(line)
+        if measurement in self._index:
+            raise LogError(
+                f"{self._entries}: entry {len(self)} repeats entry "
+                f"{self._index[measurement]}; the log is corrupted"
+            )
+        self._remember(measurement)
 
     def _decode_entry(self, line: bytes) -> bytes:
         index = len(self._tree)
@@ -395,7 +419,7 @@ class TransparencyLog:
             measurement = bytes.fromhex(entry["measurement"])
             if len(measurement) != MEASUREMENT_SIZE or measurement.hex() != entry["measurement"]:
                 raise ValueError("measurement must be 64 lowercase hex digits")
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:
             raise LogError(
                 f"{self._entries}: entry {index} is unreadable ({e}); the log is corrupted"
             ) from None

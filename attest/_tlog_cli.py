@@ -109,7 +109,7 @@ def verify(
 def serve_command(
     folder: LogFolder,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8700,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on.")] = 8700,
 ) -> None:
     """Serve the log read-only over HTTP: tree heads, inclusion and consistency proofs."""
     run(_serve_and_report, _open(folder), host, port)

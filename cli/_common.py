@@ -36,6 +36,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     trio.TooSlowError,
     ValueError,
+    RecursionError,
 )
 
 
@@ -72,7 +73,10 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+        names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+        return f"{' -> '.join(names)}: {exc.strerror}" if names else exc.strerror
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply to read"
     if isinstance(exc, RecordRejected):
         return f"record refused: {exc}"
     return str(exc) or type(exc).__name__
@@ -99,6 +103,17 @@ def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         fail(describe(leaf))
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def report_unexpected(exc: Exception) -> NoReturn:
+    """Last resort for an error no command expected: one line naming it, exit 1."""
+    leaf = _first_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
+    if isinstance(leaf, EXPECTED_ERRORS):
+        fail(describe(leaf))
+    fail(
+        f"unexpected {type(leaf).__name__}: {leaf} "
+        "(a bug in dbloom; `dbloom --debug …` shows where)"
+    )
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -20,19 +20,32 @@ def config_path() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".config" / "dbloom" / "config.toml"
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 class ConfigError(ValueError):
     """The config file cannot be read or names an option that does not exist."""
 
 
 def load_config(commands: Mapping[str, Any], path: Path | None = None) -> dict[str, Any]:
-    """The `default_map` for a group with `commands`, validated against their options."""
+    """The `default_map` for a group with `commands`, validated against their options.
+
+    An absent file means no defaults (tests and services point `DBLOOM_CONFIG` at a
+    path that does not exist to ignore the user's file).
+    """
     path = path or config_path()
     try:
-        text = path.read_text()
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path} is not a regular file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES} bytes: not a config file")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -34,7 +34,7 @@ PROMPT = "Explain how decentralized AI inference improves privacy."
 
 def demo(
     keep: bool = typer.Option(False, "--keep", help="Leave the network and shim up."),
-    port: int = typer.Option(0, "--port", help="Shim port (0: any free port)."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Shim port (0: any free port)."),
 ) -> None:
     """A local network (bootstrap, 3 serving peers, a shim) answers an OpenAI-client request."""
 

@@ -129,13 +129,15 @@ def put(
     home: Path | None = typer.Option(None, help="Home folder holding the identity key."),
 ) -> None:
     """Store VALUE-FILE under KEY at the closest peers."""
+    if value_file.exists() and not value_file.is_file():
+        fail(f"{value_file} is not a regular file")
     try:
-        size = value_file.stat().st_size
+        with value_file.open("rb") as f:
+            data = f.read(MAX_VALUE_FILE + 1)  # a growing file cannot slip past the size check
     except OSError as exc:
         fail(f"cannot read {value_file}: {exc.strerror}")
-    if size > MAX_VALUE_FILE:
-        fail(f"{value_file} holds {size} bytes; DHT records hold at most {MAX_VALUE_FILE}")
-    data = value_file.read_bytes()
+    if len(data) > MAX_VALUE_FILE:
+        fail(f"{value_file} is too big: DHT records hold at most {MAX_VALUE_FILE} bytes")
 
     async def main() -> None:
         config = _config(bootstrap)

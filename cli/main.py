@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -10,7 +11,7 @@ from dbloom.inference import models_app
 from dbloom.ledger._cli import ledger_app
 
 from . import attest, demo, dht, keys, p2p, peer, relay, service, shim, sim, status
-from ._common import fail, state
+from ._common import fail, report_unexpected, state
 from ._config import ConfigError, load_config
 
 app = typer.Typer(
@@ -48,5 +49,13 @@ def _options(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: whatever escapes a command is one line, not a traceback."""
+    try:
+        app()
+    except Exception as exc:
+        if state.debug:
+            raise
+        try:
+            report_unexpected(exc)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)

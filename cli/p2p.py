@@ -80,7 +80,9 @@ def ping_command(
         ..., help="Multiaddr of the peer, ideally ending in /p2p/<peer-id>."
     ),
     count: int = typer.Option(4, "--count", "-n", min=1, max=10_000, help="How many pings."),
-    timeout: float = typer.Option(10.0, help="Seconds to wait for each answer."),
+    timeout: float = typer.Option(
+        10.0, min=0.001, max=3600, help="Seconds to wait for each answer."
+    ),
 ) -> None:
     """Ping a peer and print each round trip and a summary."""
 
@@ -105,7 +107,7 @@ def ping_command(
 @app.command("id")
 def id_command(
     address: str = typer.Argument(..., help="Multiaddr of the peer."),
-    timeout: float = typer.Option(10.0, help="Seconds to wait."),
+    timeout: float = typer.Option(10.0, min=0.001, max=3600, help="Seconds to wait."),
 ) -> None:
     """Print what a peer says about itself (identify)."""
 

@@ -191,6 +191,7 @@ def peer(
         None,
         "--max-memory",
         min=0,
+        max=1 << 20,
         envvar="DBLOOM_MAX_MEMORY",
         help="Refuse models estimated to need more than this many GB (GiB) together.",
     ),

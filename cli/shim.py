@@ -10,7 +10,8 @@ import typer
 from cryptography import x509
 
 from dbloom.api import ApiKeys, InsecureBind, KeyStoreError, is_loopback, keys_app, parse_aliases
-from dbloom.attest import HARDWARE_KINDS, production_roots
+from dbloom.attest import HARDWARE_KINDS, default_verifiers, production_roots
+from dbloom.attest._evidence import POSTURE_KEYS
 from dbloom.ledger._money import parse_price
 from dbloom.p2p import Multiaddr, MultiaddrError, load_or_create_identity
 
@@ -116,13 +117,26 @@ def shim(
         max_out = parse_price(max_price) if max_price is not None else None
         for addr in bootstrap:
             Multiaddr.parse(addr)
-        keys_hex = [bytes.fromhex(k) for k in log_key]
         aliases = parse_aliases(alias)
     except (ValueError, MultiaddrError) as e:
         fail(str(e))
-    if any(len(k) != 32 for k in keys_hex):
+    try:
+        keys_hex = [bytes.fromhex(k) for k in log_key]
+    except ValueError:
+        keys_hex = []
+    if len(keys_hex) != len(log_key) or any(len(k) != 32 for k in keys_hex):
         fail("--log-key must be a 32-byte Ed25519 public key in hex")
     kinds = frozenset(k.strip() for k in attest_kinds.split(",") if k.strip())
+    if unknown := kinds - set(default_verifiers()):
+        fail(
+            f"--attest-kinds: unknown kind {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(sorted(default_verifiers()))})"
+        )
+    if odd := set(require) - set(POSTURE_KEYS):
+        fail(
+            f"--require: unknown posture {', '.join(sorted(odd))} "
+            f"(known: {', '.join(POSTURE_KEYS)})"
+        )
     keys = _api_keys(host, home, require_key)
     settings = ShimSettings(
         host=host,

@@ -49,7 +49,7 @@ def read_status(path: Path) -> dict[str, Any] | None:
     """The last snapshot, or None when there is none (or it is not ours to read)."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("v") != STATUS_VERSION:
         return None
@@ -57,7 +57,7 @@ def read_status(path: Path) -> dict[str, Any] | None:
 
 
 def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
+    if type(pid) is not int or not 0 < pid < 1 << 31:
         return False
     try:
         os.kill(pid, 0)
@@ -72,29 +72,43 @@ def is_running(snapshot: Mapping[str, Any], now: float | None = None) -> bool:
     """The writer still runs and wrote recently (and did not say it stopped)."""
     now = time.time() if now is None else now
     updated = snapshot.get("updated_ms")
-    fresh = isinstance(updated, int) and now - updated / 1000 < STALE_AFTER
+    fresh = type(updated) is int and 0 <= updated < 1 << 53 and now - updated / 1000 < STALE_AFTER
     return fresh and snapshot.get("state") != "stopped" and _alive(snapshot.get("pid"))
 
 
+def _table(value: object) -> Mapping[str, Any]:
+    """A nested table of the snapshot; anything else (a damaged file) reads as empty."""
+    return value if isinstance(value, dict) else {}
+
+
+def _micro(value: object) -> int:
+    return value if type(value) is int and abs(value) < 1 << 63 else 0
+
+
 def status_rows(snapshot: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The snapshot as (label, text) rows, for `dbloom status` and `dbloom service status`."""
-    availability = snapshot.get("availability") or {}
+    """The snapshot as (label, text) rows, for `dbloom status` and `dbloom service status`.
+
+    The file is ours, but may be damaged: a field of the wrong type shows as missing.
+    """
+    availability = _table(snapshot.get("availability"))
     rows = [
         ("peer", f"{snapshot.get('peer_id', '?')} (pid {snapshot.get('pid', '?')})"),
         ("state", str(snapshot.get("state", "?"))),
         ("availability", "serving" if availability.get("serve") else "paused"),
     ]
-    for check in availability.get("checks") or []:
-        rows.append(("", f"{MARKS.get(check.get('state'), '?')} {check.get('text', '')}"))
-    earnings = snapshot.get("earnings") or {}
-    attestation = snapshot.get("attestation") or {}
+    checks = availability.get("checks")
+    for check in map(_table, checks if isinstance(checks, list) else []):
+        rows.append(("", f"{MARKS.get(str(check.get('state')), '?')} {check.get('text', '')}"))
+    earnings = _table(snapshot.get("earnings"))
+    attestation = _table(snapshot.get("attestation"))
+    models = snapshot.get("models")
     rows += [
-        ("models", ", ".join(snapshot.get("models") or []) or "none"),
+        ("models", ", ".join(map(str, models if isinstance(models, list) else [])) or "none"),
         ("served", f"{snapshot.get('requests', 0)} requests, {snapshot.get('tokens', 0)} tokens"),
         ("in flight", str(snapshot.get("in_flight", 0))),
         (
             "earnings",
-            f"{format_price(int(earnings.get('micro', 0)))} this epoch "
+            f"{format_price(_micro(earnings.get('micro')))} this epoch "
             f"({earnings.get('receipts', 0)} receipts)",
         ),
         ("attestation", f"{attestation.get('kind', '?')}: {attestation.get('status', '?')}"),

@@ -11,6 +11,7 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -29,7 +30,7 @@ models_app = typer.Typer(
     name="models", help="List, fetch, inspect and generate models.", no_args_is_help=True
 )
 _console = Console(highlight=False)
-_err = Console(stderr=True, highlight=False)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 CacheDir = Annotated[
     Path | None, typer.Option(help="Hugging Face cache folder (default: HF_HUB_CACHE).")
@@ -44,8 +45,14 @@ class TinySizeChoice(StrEnum):
 
 
 def _fail(message: str) -> NoReturn:
-    _err.print(f"[red]error:[/red] {message}")
+    _err.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(1)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 def _size(n: int) -> str:
@@ -58,7 +65,11 @@ def list_models(
 ) -> None:
     """Models already in the Hugging Face cache."""
     table = Table("model", "size", "path")
-    for repo_id, path, size in cached_models(cache_dir):
+    try:
+        found = list(cached_models(cache_dir))
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read the Hugging Face cache: {_describe(exc)}")
+    for repo_id, path, size in found:
         table.add_row(repo_id, _size(size), str(path))
     if table.row_count:
         _console.print(table)
@@ -127,7 +138,10 @@ def make_tiny(
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
 ) -> None:
     """Write a random-weight llama model and tokenizer (its text is meaningless)."""
-    path = build_tiny_model(directory, size=size.value, seed=seed)
+    try:
+        path = build_tiny_model(directory, size=size.value, seed=seed)
+    except (OSError, ValueError) as exc:
+        _fail(_describe(exc))
     model = inspect_model(path)
     _console.print(f"wrote {size.value} model ({model.info.parameters:,} parameters) to {path}")
     _console.print(f"digest {model.info.digest}")

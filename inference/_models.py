@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -41,6 +42,8 @@ TOKENIZER_FILES = frozenset(
     }
 )
 WEIGHT_SUFFIX = ".safetensors"
+MAX_HEADER_BYTES = 100 << 20
+"""The safetensors format's own limit on a header."""
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "merges.txt", "*.md"]
 DEFAULT_CONTEXT_LENGTH = 4096
 _CONTEXT_KEYS = (
@@ -96,9 +99,12 @@ def model_digest(path: Path | str) -> str:
 
 def read_config(path: Path) -> dict[str, Any]:
     """The model's `config.json`; `ModelNotFound` if it is missing or unreadable."""
+    file = path / "config.json"
+    if file.exists() and not file.is_file():
+        raise ModelNotFound(f"{file} is not a regular file")
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
         raise ModelNotFound(f"{path} has no readable config.json: {exc}") from exc
     if not isinstance(config, dict):
         raise ModelNotFound(f"{path}/config.json is not a JSON object")
@@ -107,7 +113,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def context_length(config: dict[str, Any]) -> int:
     """The longest sequence the model supports, from whichever key its config uses."""
-    for source in (config, config.get("text_config") or {}):
+    for source in (config, _table(config, "text_config")):
         for key in _CONTEXT_KEYS:
             value = source.get(key)
             if isinstance(value, int) and value > 0:
@@ -115,18 +121,40 @@ def context_length(config: dict[str, Any]) -> int:
     return DEFAULT_CONTEXT_LENGTH
 
 
+def _table(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """A nested table of the config, or {} when absent; a wrong type is a clear error."""
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise ModelNotFound(f"config.json: {key!r} should be an object, not {value!r:.40}")
+    return value
+
+
 def _safetensors_elements(file: Path) -> int:
+    """Tensor elements a weights file declares, from its header alone.
+
+    The header is untrusted: its length is checked against the file before it is read,
+    and every tensor must have a list of non-negative integer dimensions.
+    """
+    if not file.is_file():
+        raise ValueError(f"{file.name} is not a regular file")
     with file.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{file.name} is shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", raw)
+        if size > min(MAX_HEADER_BYTES, file.stat().st_size - 8):
+            raise ValueError(f"{file.name} declares a {size}-byte header it cannot hold")
         header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{file.name}: the header is not a JSON object")
     total = 0
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        count = 1
-        for dim in meta["shape"]:
-            count *= dim
-        total += count
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
+            raise ValueError(f"{file.name}: tensor {name!r:.40} has no valid shape")
+        total += math.prod(shape)
     return total
 
 
@@ -140,16 +168,18 @@ def inspect_model(path: Path | str, *, model_id: str | None = None) -> LocalMode
     weights_bytes = sum(w.stat().st_size for w in weights)
     try:
         elements = sum(_safetensors_elements(w) for w in weights)
-    except (OSError, ValueError, KeyError, struct.error) as exc:
+    except (OSError, ValueError, struct.error, RecursionError) as exc:
         raise ModelNotFound(f"{folder} has unreadable weights: {exc}") from exc
-    bits = (config.get("quantization") or {}).get("bits")
+    bits = _table(config, "quantization").get("bits")
     parameters = elements * 32 // bits if isinstance(bits, int) and bits > 0 else elements
-    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 0
+    vocab = config.get("vocab_size") or _table(config, "text_config").get("vocab_size") or 0
+    if type(vocab) is not int or vocab < 0:
+        raise ModelNotFound(f"{folder}/config.json: vocab_size {vocab!r:.40} is not a count")
     info = ModelInfo(
         id=model_id or folder.name,
         digest=model_digest(folder),
         context_length=context_length(config),
-        vocab_size=int(vocab),
+        vocab_size=vocab,
         parameters=parameters,
     )
     return LocalModel(

@@ -12,7 +12,10 @@ tool parser and tool calling can be tested end to end.
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -101,9 +104,28 @@ def build_tiny_model(directory: Path | str, *, size: TinySize = "tiny", seed: in
     """
     if size not in SPECS:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SPECS)}")
-    spec = SPECS[size]
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2**64), not {seed}")
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(
+            errno.EEXIST, "exists and is not an empty folder (its files would be replaced)", target
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed into place: a failed build leaves no half model.
+    out = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _write_model(out, SPECS[size], size, seed)
+        if target.exists():
+            target.rmdir()
+        out.rename(target)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_model(out: Path, spec: TinySpec, size: str, seed: int) -> None:
     vocab_size = _write_tokenizer(out, spec.vocab_target)
     config = {
         "model_type": "llama",
@@ -124,7 +146,6 @@ def build_tiny_model(directory: Path | str, *, size: TinySize = "tiny", seed: in
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _write_weights(out, config, seed)
     (out / "README.md").write_text(_README.format(size=size, seed=seed))
-    return out
 
 
 def _write_tokenizer(out: Path, vocab_target: int) -> int:

@@ -6,13 +6,15 @@ An operator reads its totals and an epoch's payouts here, proves one receipt was
 
 from __future__ import annotations
 
+import os
+import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 from rich.markup import escape
@@ -27,6 +29,8 @@ from ._store import Ledger, LedgerError
 
 LEDGER_FOLDER = "ledger"
 LEDGER_FILE = "ledger.sqlite3"
+LEDGER_SUFFIXES = ("", "-wal", "-shm", "-journal")
+LAST_SECOND = int(datetime.max.replace(microsecond=0, tzinfo=UTC).timestamp())
 
 ledger_app = typer.Typer(
     help="The payout ledger: receipts, payouts per epoch, inclusion proofs.",
@@ -72,13 +76,15 @@ def payouts(
 ) -> None:
     """An epoch's payouts per operator (its share and the network's) and totals per client."""
     with _open(ledger) as book:
+        epoch_seconds = book.epoch_seconds
         if epoch is None:
             epoch = book.epoch_of(time.time_ns() // 1_000_000) - 1
-        if epoch < 0:
-            fail(f"epoch {epoch} is negative")
+        # Epochs past the year 9999 have no date to print and overflow SQLite's integers.
+        last = LAST_SECOND // epoch_seconds
+        if not 0 <= epoch <= last:
+            fail(f"--epoch must be from 0 to {last}, not {epoch}")
         result = book.payouts(epoch)
         root = book.epoch_root(epoch)
-        epoch_seconds = book.epoch_seconds
         numerator, denominator = book.operator_share
     start = datetime.fromtimestamp(epoch * epoch_seconds, UTC)
     console.print(
@@ -192,13 +198,20 @@ def verify(
 @ledger_app.command("export")
 def export(
     csv_file: Annotated[Path, typer.Option("--csv", help="The CSV file to write.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the CSV file if it already exists.")
+    ] = False,
     ledger: LedgerOption = None,
 ) -> None:
-    """Write every stored receipt, paid and disputed, as CSV."""
+    """Write every stored receipt, paid and disputed, as CSV (the whole file or nothing)."""
+    ledger_file = os.path.realpath(_ledger_path(ledger))
+    if os.path.realpath(csv_file) in {ledger_file + suffix for suffix in LEDGER_SUFFIXES}:
+        fail(f"{csv_file} is the ledger or one of its files; write the CSV elsewhere")
+    if os.path.lexists(csv_file) and not force:
+        fail(f"{csv_file} already exists; pass --force to replace it")
     with _open(ledger) as book:
         try:
-            with csv_file.open("w", newline="", encoding="utf-8") as handle:
-                count = book.export_csv(handle)
+            count = _write_whole(csv_file, book.export_csv)
         except OSError as exc:
             fail(f"{csv_file}: {exc.strerror}")
     console.print(f"exported {count} receipts to {escape(str(csv_file))}")
@@ -213,14 +226,38 @@ def _proof_bytes(data: bytes) -> bytes:
         return data
 
 
+def _write_whole(target: Path, write: Callable[[TextIO], int]) -> int:
+    """Run `write` on a new file in `target`'s folder, synced then renamed over `target`.
+
+    A failure or crash midway leaves `target` as it was, never half written.
+    """
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    handle = temporary.open("x", newline="", encoding="utf-8")
+    try:
+        with handle:
+            result = write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _ledger_path(override: Path | None) -> Path:
+    """The file `--ledger` names, or the default one."""
+    return override.expanduser() if override is not None else default_ledger_path()
+
+
 @contextmanager
 def _open(override: Path | None) -> Iterator[Ledger]:
-    """The ledger at `--ledger` or the default path; its failures become one line."""
-    path = override.expanduser() if override is not None else default_ledger_path()
-    if not path.is_file():
-        fail(f"no ledger at {path}")
+    """The ledger at `--ledger` or the default path, read-only; its failures become one line.
+
+    Every command here only reads, so none can create, migrate or damage the file.
+    """
     try:
-        with Ledger.open(path) as book:
+        with Ledger.open_read_only(_ledger_path(override)) as book:
             yield book
     except (LedgerError, OSError, sqlite3.Error) as exc:
         fail(str(exc))

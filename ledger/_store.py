@@ -88,6 +88,7 @@ _SCHEMA = (
     "CREATE TABLE rejections (kind TEXT PRIMARY KEY, count INTEGER NOT NULL)",
     "CREATE TABLE settings (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
+_TABLES = frozenset({"receipts", "rejections", "settings"})
 _INSERT = (
     "INSERT INTO receipts (id, epoch, disputed, node, client, model, prompt_tokens,"
     " completion_tokens, price_in, price_out, amount, started_ms, finished_ms, raw)"
@@ -238,6 +239,37 @@ class Ledger:
             ledger.close()
             raise LedgerError(f"the ledger {path} uses {stored}-second epochs, not {epoch_seconds}")
         return ledger
+
+    @classmethod
+    def open_read_only(cls, path: Path) -> Ledger:
+        """Open an existing ledger to read it, never creating, migrating or writing the file.
+
+        For commands that only report: a mistyped path must not turn someone else's
+        SQLite file (or an empty one) into a ledger, and a ledger the user may only read
+        must still be readable. Ingesting through it fails.
+        """
+        if not path.is_file():
+            raise LedgerError(f"no ledger at {path}")
+        try:
+            db = sqlite3.connect(
+                f"{path.absolute().as_uri()}?mode=ro",
+                uri=True,
+                timeout=BUSY_TIMEOUT,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as e:
+            raise LedgerError(f"cannot open the ledger {path}: {e}") from None
+        try:
+            stored = _check_ledger(db, path)
+        except BaseException as e:
+            db.close()
+            if isinstance(e, sqlite3.OperationalError):
+                raise LedgerError(f"cannot read the ledger {path}: {e}") from None
+            if isinstance(e, sqlite3.Error):
+                raise LedgerError(f"{path} is not a dbloom ledger: {e}") from None
+            raise
+        return cls(db, stored, DEFAULT_OPERATOR_SHARE, 1)
 
     def close(self) -> None:
         """Close the file; committed receipts are already durable."""
@@ -516,6 +548,26 @@ def _prepare(db: sqlite3.Connection, epoch_seconds: int) -> int:
         row = db.execute("SELECT value FROM settings WHERE name = 'epoch_seconds'").fetchone()
     if row is None:
         raise LedgerError("the ledger has lost its epoch length; it is corrupted")
+    stored: int = row[0]
+    return stored
+
+
+def _check_ledger(db: sqlite3.Connection, path: Path) -> int:
+    """Check, without writing, that `db` holds a ledger; returns its stored epoch length."""
+    with _transaction(db, "DEFERRED"):
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version != SCHEMA_VERSION:
+            raise LedgerError(
+                f"{path} is not a dbloom ledger (schema version {version}, not {SCHEMA_VERSION})"
+            )
+        tables = db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'").fetchall()
+        if missing := _TABLES - {name for (name,) in tables}:
+            raise LedgerError(
+                f"{path} is not a dbloom ledger (missing tables: {', '.join(sorted(missing))})"
+            )
+        row = db.execute("SELECT value FROM settings WHERE name = 'epoch_seconds'").fetchone()
+    if row is None or type(row[0]) is not int or row[0] < 1:
+        raise LedgerError(f"the ledger {path} has lost its epoch length; it is corrupted")
     stored: int = row[0]
     return stored
 

@@ -229,7 +229,7 @@ class KademliaDHT:
                 self.host.peerstore.add_addrs(peer, list(addrs), self.config.provider_ttl, now)
                 snapshot.append((peer, addrs))
             self.table.load(snapshot, now)
-        except (OSError, ValueError, KeyError, TypeError, DecodeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, DecodeError, RecursionError) as exc:
             log.warning("ignoring unreadable routing table snapshot %s: %s", path, exc)
 
     def _save_table(self) -> None:

@@ -137,10 +137,37 @@ def test_a_torn_last_line_is_ignored_then_repaired(
     assert TransparencyLog.open(tmp_path / "log").index_of(M[7]) == 3
 
 
+def test_a_last_entry_without_its_newline_is_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = new_log(tmp_path, entries=2).head()
+    expected = new_log(tmp_path / "fresh", entries=3).head().root
+    entries = tmp_path / "log" / "entries.jsonl"
+    entries.write_bytes(entries.read_bytes().rstrip(b"\n"))
+    intact = entries.read_bytes()
+    with caplog.at_level(logging.WARNING):
+        reader = TransparencyLog.open(tmp_path / "log")
+        writer = TransparencyLog.open(tmp_path / "log")
+    assert "torn" not in caplog.text
+    assert len(reader) == 2 and reader.head().root == old.root
+    assert writer.add(M[2]) == 2
+    assert entries.read_bytes().startswith(intact + b"\n")
+    lines = entries.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and [json.loads(line)["index"] for line in lines[:-1]] == [0, 1, 2]
+    reader.refresh()
+    for log in (reader, writer, TransparencyLog.open(tmp_path / "log")):
+        assert [log.index_of(m) for m in M[:3]] == [0, 1, 2]
+        new = log.head()
+        assert new.root == expected
+        assert verify_consistency(old, new, log.consistency_proof(2, 3), log.public_key) == []
+        assert check_log_proof(log.inclusion_bundle(M[1]).encode(), M[1], [log.public_key]) == []
+
+
 @pytest.mark.parametrize(
     "damage",
     [
         lambda lines: [lines[0], b"not json", *lines[2:]],
+        lambda lines: [lines[0], b"[" * 100_000, *lines[2:]],
         lambda lines: [lines[0], lines[0].replace(b'"index": 0', b'"index": 1'), *lines[2:]],
         lambda lines: [lines[0], lines[2], lines[1]],
         lambda lines: [lines[0], lines[1].replace(b'"note"', b'"remark"'), lines[2]],

@@ -90,6 +90,30 @@ def test_mistakes_give_one_line_and_exit_1(tmp_path: Path) -> None:
         assert needle in err and len(err.strip().splitlines()) == 1, (args, err)
 
 
+def test_add_keeps_a_last_entry_whose_newline_was_stripped(tmp_path: Path) -> None:
+    folder = tmp_path / "log"
+    cli("init", folder)
+    cli("add", folder, M[0])
+    cli("add", folder, M[1])
+    entries = folder / "entries.jsonl"
+    entries.write_bytes(entries.read_bytes().rstrip(b"\n"))
+    assert cli("add", folder, M[2])[:2] == (0, "entry 2, tree size 3\n")
+    lines = entries.read_text().splitlines()
+    assert [json.loads(line)["measurement"] for line in lines] == M[:3]
+
+
+def test_a_deeply_nested_entry_is_reported_as_corruption(tmp_path: Path) -> None:
+    folder = tmp_path / "log"
+    cli("init", folder)
+    cli("add", folder, M[0])
+    with (folder / "entries.jsonl").open("ab") as entries:
+        entries.write(b"[" * 100_000 + b"\n")
+    for args in (("add", folder, M[1]), ("prove", folder, M[0], "--out", tmp_path / "p")):
+        code, _, err = cli(*args)
+        assert code == 1 and "entry 1 is unreadable" in err and "corrupted" in err
+        assert len(err.strip().splitlines()) == 1
+
+
 def test_serve_reports_a_busy_port(tmp_path: Path) -> None:
     cli("init", tmp_path / "log")
     with socket.socket() as busy:

@@ -467,3 +467,44 @@ def test_a_row_removed_during_a_batch_is_verified_before_it_is_stored_again(
         monkeypatch.setattr(ledger, "_stored", read_then_delete)
         results = ledger.ingest_many([honest, forged])
     assert [r.outcome for r in results] == [Outcome.PAID, Outcome.FORGED]
+
+
+def test_open_read_only_reads_a_ledger_and_never_writes_one(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    raw = make_receipt(finished_ms=IN_EPOCH)
+    with Ledger.open(path, epoch_seconds=600) as ledger:
+        ledger.ingest(raw)
+        summary, payouts = ledger.summary(), ledger.payouts(ledger.epoch_of(IN_EPOCH))
+    before = path.read_bytes()
+    with Ledger.open_read_only(path) as reader:
+        assert reader.epoch_seconds == 600
+        assert reader.summary() == summary
+        assert reader.payouts(reader.epoch_of(IN_EPOCH)) == payouts
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.ingest(make_receipt(finished_ms=IN_EPOCH + 1))
+    assert path.read_bytes() == before
+
+
+def test_open_read_only_refuses_what_is_not_a_ledger_and_leaves_it_alone(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.sqlite3"
+    db = sqlite3.connect(foreign)
+    db.executescript("CREATE TABLE people (name TEXT); INSERT INTO people VALUES ('ada');")
+    db.close()
+    empty = tmp_path / "empty.sqlite3"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"not a database, just text" * 100)
+    future = tmp_path / "future.sqlite3"
+    Ledger.open(future).close()
+    db = sqlite3.connect(future)
+    db.execute("PRAGMA user_version = 2")
+    db.close()
+    for path in (foreign, empty, junk, future):
+        before = path.read_bytes()
+        with pytest.raises(LedgerError, match=f"{path} is not a dbloom ledger"):
+            Ledger.open_read_only(path)
+        assert path.read_bytes() == before
+    missing = tmp_path / "missing.sqlite3"
+    with pytest.raises(LedgerError, match=f"no ledger at {missing}"):
+        Ledger.open_read_only(missing)
+    assert not missing.exists()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import errno
+import os
+import sqlite3
 import time
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 from test_receipt import CLIENT, NODE, OTHER, TOKENS, body_for, make_receipt, sign_both
@@ -159,3 +163,94 @@ def test_errors_are_one_line_and_escaped(tmp_path: Path) -> None:
         ledger.ingest(inflated)
     code, out, _ = cli("summary", "--ledger", tmp_path / "ok.sqlite3")
     assert code == 0 and "inflated 1" in out
+
+
+def test_export_never_writes_over_the_ledger(
+    tmp_path: Path, filled: tuple[Path, list[bytes]]
+) -> None:
+    path, _ = filled
+    link = tmp_path / "link.csv"
+    link.symlink_to(path)
+    with Ledger.open(path):  # an open writer keeps the -wal and -shm files in place
+        before = path.read_bytes()
+        targets = [path, tmp_path / "." / path.name, link]
+        targets += [tmp_path / f"{path.name}{suffix}" for suffix in ("-wal", "-shm")]
+        for target in targets:
+            for force in ((), ("--force",)):
+                code, _, err = cli("export", "--csv", target, "--ledger", path, *force)
+                assert code == 1 and "is the ledger or one of its files" in err, target
+                assert err.count("\n") == 1
+        assert path.read_bytes() == before
+    code, out, _ = cli("summary", "--ledger", path)
+    assert code == 0 and "4 (3 paid, 1 disputed)" in out
+
+
+def test_export_replaces_a_file_only_with_force(
+    tmp_path: Path, filled: tuple[Path, list[bytes]]
+) -> None:
+    path, _ = filled
+    out_file = tmp_path / "receipts.csv"
+    out_file.write_text("someone's notes\n")
+    code, _, err = cli("export", "--csv", out_file, "--ledger", path)
+    assert code == 1 and "already exists; pass --force" in err and err.count("\n") == 1
+    assert out_file.read_text() == "someone's notes\n"
+    code, out, _ = cli("export", "--csv", out_file, "--ledger", path, "--force")
+    assert code == 0 and "exported 4 receipts" in out
+    with out_file.open(newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_failed_export_leaves_the_old_file_whole(
+    tmp_path: Path, filled: tuple[Path, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = filled
+    out_file = tmp_path / "receipts.csv"
+    out_file.write_text("last week's export\n")
+    export_csv = Ledger.export_csv
+
+    def export_then_fill_the_disk(ledger: Ledger, handle: TextIO) -> int:
+        export_csv(ledger, handle)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Ledger, "export_csv", export_then_fill_the_disk)
+    code, _, err = cli("export", "--csv", out_file, "--ledger", path, "--force")
+    assert code == 1 and "No space left on device" in err and err.count("\n") == 1
+    assert out_file.read_text() == "last week's export\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("foreign", [False, True], ids=["empty", "foreign"])
+def test_reading_commands_refuse_a_file_that_is_not_a_ledger_and_leave_it_alone(
+    tmp_path: Path, foreign: bool
+) -> None:
+    path = tmp_path / "other.sqlite3"
+    path.write_bytes(b"")
+    if foreign:
+        db = sqlite3.connect(path)
+        db.executescript("CREATE TABLE people (name TEXT); INSERT INTO people VALUES ('ada');")
+        db.close()
+    before = path.read_bytes()
+    for command in (
+        ("summary",),
+        ("payouts",),
+        ("payouts", "--epoch", "3"),
+        ("prove", "00" * 16),
+        ("export", "--csv", tmp_path / "out.csv"),
+    ):
+        code, _, err = cli(*command, "--ledger", path)
+        assert code == 1 and f"{path} is not a dbloom ledger" in err, command
+        assert err.count("\n") == 1
+        assert path.read_bytes() == before
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_payouts_refuses_an_epoch_out_of_range(filled: tuple[Path, list[bytes]]) -> None:
+    path, _ = filled
+    last = 253_402_300_799 // 3600  # the last epoch that starts by the end of year 9999
+    for epoch in (-1, last + 1, 99_999_999_999_999, 10**30):
+        code, _, err = cli("payouts", "--ledger", path, "--epoch", str(epoch))
+        assert code == 1 and f"--epoch must be from 0 to {last}, not {epoch}" in err
+        assert err.count("\n") == 1
+    code, out, _ = cli("payouts", "--ledger", path, "--epoch", str(last))
+    assert code == 0 and "from 9999-12-31 23:00:00 UTC" in out

@@ -168,6 +168,8 @@ def verify(
             root = b""
         if len(root) != 32:
             fail(f"a root is 64 hex digits, not {root_hex!r}")
+    if proof_file.exists() and not proof_file.is_file():
+        fail(f"{proof_file} is not a regular file")
     try:
         with proof_file.open("rb") as handle:
             data = handle.read(2 * MAX_PROOF + 2)

@@ -26,6 +26,10 @@ def load_identity(path: Path) -> KeyPair:
     try:
         info = path.stat()
     except FileNotFoundError:
+        if path.is_symlink():
+            raise KeyFileError(
+                f"identity key {path} is a link to {os.readlink(path)}, which does not exist"
+            ) from None
         raise KeyFileError(f"no identity key at {path}; run `dbloom keys init`") from None
     except OSError as exc:
         raise KeyFileError(f"cannot read identity key {path}: {exc.strerror}") from None
@@ -45,8 +49,8 @@ def load_identity(path: Path) -> KeyPair:
 
 
 def create_identity(path: Path) -> KeyPair:
-    """Write a new key with mode 0600; never overwrites an existing file."""
-    if path.exists():
+    """Write a new key with mode 0600; never overwrites an existing file (or link)."""
+    if os.path.lexists(path):
         raise KeyFileError(f"an identity key already exists at {path}")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     pair = KeyPair.generate()
@@ -67,10 +71,10 @@ def create_identity(path: Path) -> KeyPair:
 
 def load_or_create_identity(path: Path) -> KeyPair:
     """The key at `path`, created on first use."""
-    if not path.exists():
+    if not os.path.lexists(path):
         try:
             return create_identity(path)
         except KeyFileError:
-            if not path.exists():
+            if not os.path.lexists(path):
                 raise
     return load_identity(path)

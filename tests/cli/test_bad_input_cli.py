@@ -178,3 +178,17 @@ def test_an_unexpected_error_is_one_line_unless_debug(
     monkeypatch.setattr(cli_main.state, "debug", True)
     with pytest.raises(RuntimeError):
         cli_main.main()
+
+
+def test_a_dangling_key_link_is_named_not_recreated(tmp_path: Path) -> None:
+    (tmp_path / "identity.key").symlink_to(tmp_path / "gone.key")
+    one_line_error(run("keys", "show", home=tmp_path), "which does not exist")
+    one_line_error(run("keys", "init", home=tmp_path), "already exists")
+    assert not (tmp_path / "gone.key").exists()
+
+
+def test_ledger_verify_does_not_wait_on_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "proof"
+    os.mkfifo(fifo)
+    result = run("ledger", "verify", str(fifo), "--root", "00" * 32, home=tmp_path, timeout=30)
+    one_line_error(result, "not a regular file")

@@ -2,9 +2,9 @@
 
 Shape:
 
-- trio tasks call `generate()`. Admission tokenizes (in a short `to_thread` call), checks
-  the request against the model, and appends a slot to a bounded queue; past
-  `max_batch + max_queue` it raises `EngineBusy` at once.
+- trio tasks call `generate()`. Admission tokenizes (in a short `to_thread` call, one at a
+  time, clients taking turns: `Turns`), checks the request against the model, and appends
+  a slot to a bounded queue; past `max_batch + max_queue` it raises `EngineBusy` at once.
 - The places are shared fairly between clients (a node names each by its peer id). When
   they are all taken, a newcomer takes the last queued place of the client holding the
   most, if that client holds at least two more than the newcomer (so it still holds at
@@ -58,6 +58,7 @@ from ._models import inspect_model, load_model
 from ._request import GenerateRequest
 from ._stops import StopBuffer
 from ._tools import ToolCallReader, ToolSyntax
+from ._turns import Turns
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 32
@@ -332,7 +333,7 @@ class MLXEngine(Engine):
         self._admitting: Counter[str | None] = Counter()  # per client, while tokenizing
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._closed = True
-        self._tokenize_limiter: trio.CapacityLimiter | None = None
+        self._tokenizer_turns = Turns()
         self._lifetime_cm: AbstractAsyncContextManager[None] | None = None
 
     async def __aenter__(self) -> Self:
@@ -366,7 +367,6 @@ class MLXEngine(Engine):
         self._tool_syntax = ToolSyntax.of(tokenizer)
         self._grammars = Grammars(tokenizer, self._tool_syntax)
         self._trio_token = trio.lowlevel.current_trio_token()
-        self._tokenize_limiter = trio.CapacityLimiter(1)
         self._closed = False
         raised: BaseException | None = None
         async with trio.open_nursery() as nursery:
@@ -431,9 +431,8 @@ class MLXEngine(Engine):
         the counts are taken here rather than kept.
 
         Before tokenizing (`act` False), requests still tokenizing count as possible
-        victims: the tokenizer serves in turn, so they are queued (or gone) by the time
-        this request comes back to displace, and a flood of slow tokenizations cannot
-        hold every place out of reach.
+        victims: by the time this request comes back to displace they are queued or
+        gone, and a flood of slow tokenizations cannot hold every place out of reach.
         """
         held = Counter(slot.client for slot in self._queue)
         held.update(slot.client for slot in self._running.values())
@@ -472,12 +471,10 @@ class MLXEngine(Engine):
             raise InvalidRequest(
                 f"logit_bias names a token id beyond the vocabulary ({info.vocab_size})"
             )
-        assert self._tokenize_limiter is not None
         self._admitting[client] += 1
         try:
-            prompt, grammar = await trio.to_thread.run_sync(
-                self._prepare, request, limiter=self._tokenize_limiter
-            )
+            async with self._tokenizer_turns.turn(client):
+                prompt, grammar = await trio.to_thread.run_sync(self._prepare, request)
         finally:
             self._admitting[client] -= 1
             if not self._admitting[client]:

@@ -9,7 +9,15 @@ import trio
 import typer
 from cryptography import x509
 
-from dbloom.api import ApiKeys, InsecureBind, KeyStoreError, is_loopback, keys_app, parse_aliases
+from dbloom.api import (
+    ApiKeys,
+    InsecureBind,
+    KeyStoreError,
+    check_bind,
+    is_loopback,
+    keys_app,
+    parse_aliases,
+)
 from dbloom.attest import HARDWARE_KINDS, default_verifiers, production_roots
 from dbloom.attest._evidence import POSTURE_KEYS
 from dbloom.ledger._money import parse_price
@@ -138,6 +146,10 @@ def shim(
             f"(known: {', '.join(POSTURE_KEYS)})"
         )
     keys = _api_keys(host, home, require_key)
+    try:
+        check_bind(host, keys)  # refused before anything is written to the home folder
+    except InsecureBind as e:
+        fail(str(e))
     settings = ShimSettings(
         host=host,
         port=port,

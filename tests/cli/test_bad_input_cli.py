@@ -192,3 +192,9 @@ def test_ledger_verify_does_not_wait_on_a_fifo(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     result = run("ledger", "verify", str(fifo), "--root", "00" * 32, home=tmp_path, timeout=30)
     one_line_error(result, "not a regular file")
+
+
+def test_a_refused_public_bind_writes_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    one_line_error(run("shim", "--host", "0.0.0.0", home=home), "requires API keys")
+    assert not home.exists()

@@ -474,6 +474,8 @@ class MLXEngine(Engine):
         self._admitting[client] += 1
         try:
             async with self._tokenizer_turns.turn(client):
+                if self._closed:  # shut down while this request waited for its turn
+                    raise EngineClosed("the engine is not running")
                 prompt, grammar = await trio.to_thread.run_sync(self._prepare, request)
         finally:
             self._admitting[client] -= 1

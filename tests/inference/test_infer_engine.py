@@ -461,6 +461,43 @@ async def test_shutdown_ends_generations_promptly(tiny_model: Path) -> None:
         await engine.__aenter__()
 
 
+async def test_requests_waiting_to_be_tokenized_at_shutdown_are_refused_untokenized(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = MLXEngine(tiny_model, model_id=MODEL_ID)
+    tokenized: list[str | None] = []
+    outcomes: list[str] = []
+    release = trio.Event()
+
+    async def hold_the_tokenizer(task_status: trio.TaskStatus[None]) -> None:
+        async with engine._tokenizer_turns.turn("holder"):
+            task_status.started()
+            await release.wait()
+
+    async def admit(i: int) -> None:
+        try:
+            await engine.generate(greedy(f"late {i}", 4), client=f"client {i}").start()
+        except EngineClosed:
+            outcomes.append("closed")
+
+    async with trio.open_nursery() as nursery:
+        async with engine:
+            prepare = engine._prepare
+
+            def counted(request: GenerateRequest) -> Any:
+                tokenized.append(request.prompt)
+                return prepare(request)
+
+            monkeypatch.setattr(engine, "_prepare", counted)
+            await nursery.start(hold_the_tokenizer)
+            for i in range(3):
+                nursery.start_soon(admit, i)
+            await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert outcomes == ["closed"] * 3
+    assert tokenized == []
+
+
 async def test_engine_refuses_to_load_without_memory(tiny_model: Path) -> None:
     engine = MLXEngine(tiny_model, available_memory=1 << 20)
     with pytest.raises(InsufficientMemory):

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import typer
+
 
 def config_path() -> Path:
     env = os.environ.get("DBLOOM_CONFIG")
@@ -54,10 +56,17 @@ def load_config(commands: Mapping[str, Any], path: Path | None = None) -> dict[s
         command = commands.get(section)
         if command is None or not isinstance(values, dict):
             raise ConfigError(f"{path}: [{section}] is not a dbloom command with options")
-        names = {p.name for p in command.params}
-        if unknown := set(values) - names:
+        params = {p.name: p for p in command.params}
+        if unknown := set(values) - set(params):
             raise ConfigError(
                 f"{path}: [{section}] has no option {', '.join(sorted(unknown))} "
-                f"(known: {', '.join(sorted(n for n in names if n))})"
+                f"(known: {', '.join(sorted(n for n in params if n))})"
             )
+        # Checked here, so that click does not blame a bad value on the option's variable.
+        context = command.context_class(command)
+        for name, value in values.items():
+            try:
+                params[name].process_value(context, value)
+            except typer.BadParameter as e:
+                raise ConfigError(f"{path}: [{section}] {name} = {value!r}: {e.message}") from None
     return data

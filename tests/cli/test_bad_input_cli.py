@@ -198,3 +198,11 @@ def test_a_refused_public_bind_writes_nothing(tmp_path: Path) -> None:
     home = tmp_path / "home"
     one_line_error(run("shim", "--host", "0.0.0.0", home=home), "requires API keys")
     assert not home.exists()
+
+
+def test_a_bad_value_in_the_config_file_is_blamed_on_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[peer]\nmax_batch = 0\n")
+    result = run("peer", "--dry-run", home=tmp_path, env={"DBLOOM_CONFIG": str(config)})
+    one_line_error(result, "[peer] max_batch = 0")
+    assert "DBLOOM_MAX_BATCH" not in result.stderr

@@ -1,7 +1,8 @@
 """`config.toml`: defaults for every command's options, below flags and DBLOOM_* variables.
 
 The file (default `~/.config/dbloom/config.toml`, or `DBLOOM_CONFIG`) has one table per
-command, keyed by option name with underscores: `[peer] model = ["..."]`, `price_in = "0.2"`.
+command, keyed by option name with underscores: `[peer] model = ["..."]`, `price_in = "0.2"`;
+a group's commands have tables of their own: `[sim.run] seed = 2`.
 Click's `default_map` gives the precedence flags > environment > file > built-in default.
 Unknown tables or keys are errors, so a typo never silently changes nothing.
 """
@@ -56,17 +57,29 @@ def load_config(commands: Mapping[str, Any], path: Path | None = None) -> dict[s
         command = commands.get(section)
         if command is None or not isinstance(values, dict):
             raise ConfigError(f"{path}: [{section}] is not a dbloom command with options")
-        params = {p.name: p for p in command.params}
-        if unknown := set(values) - set(params):
-            raise ConfigError(
-                f"{path}: [{section}] has no option {', '.join(sorted(unknown))} "
-                f"(known: {', '.join(sorted(n for n in params if n))})"
-            )
-        # Checked here, so that click does not blame a bad value on the option's variable.
-        context = command.context_class(command)
-        for name, value in values.items():
-            try:
-                params[name].process_value(context, value)
-            except typer.BadParameter as e:
-                raise ConfigError(f"{path}: [{section}] {name} = {value!r}: {e.message}") from None
+        _check(path, section, command, values)
     return data
+
+
+def _check(path: Path, label: str, command: Any, values: dict[str, Any]) -> None:
+    """Every key an option of `command` with a valid value, or a table for a subcommand
+    (`[sim.run]`: click looks up a subcommand's defaults under its name)."""
+    params = {p.name: p for p in command.params}
+    subcommands = getattr(command, "commands", {})
+    for key, value in values.items():
+        if key in subcommands and isinstance(value, dict):
+            _check(path, f"{label}.{key}", subcommands[key], value)
+    options = {k: v for k, v in values.items() if not (k in subcommands and isinstance(v, dict))}
+    if unknown := set(options) - set(params):
+        known = sorted(n for n in params if n) + sorted(f"[{label}.{c}]" for c in subcommands)
+        raise ConfigError(
+            f"{path}: [{label}] has no option {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(known)})"
+        )
+    # Checked here, so that click does not blame a bad value on the option's variable.
+    context = command.context_class(command)
+    for name, value in options.items():
+        try:
+            params[name].process_value(context, value)
+        except typer.BadParameter as e:
+            raise ConfigError(f"{path}: [{label}] {name} = {value!r}: {e.message}") from None

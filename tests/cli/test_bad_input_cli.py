@@ -206,3 +206,14 @@ def test_a_bad_value_in_the_config_file_is_blamed_on_the_file(tmp_path: Path) ->
     result = run("peer", "--dry-run", home=tmp_path, env={"DBLOOM_CONFIG": str(config)})
     one_line_error(result, "[peer] max_batch = 0")
     assert "DBLOOM_MAX_BATCH" not in result.stderr
+
+
+def test_a_groups_commands_have_config_tables_of_their_own(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    missing = tmp_path / "elsewhere.sqlite3"
+    config.write_text(f'[ledger.summary]\nledger = "{missing}"\n')
+    result = run("ledger", "summary", home=tmp_path, env={"DBLOOM_CONFIG": str(config)})
+    one_line_error(result, f"no ledger at {missing}")  # the file's default was used
+    config.write_text("[sim.run]\nbogus = 1\n")
+    result = run("sim", "list", home=tmp_path, env={"DBLOOM_CONFIG": str(config)})
+    one_line_error(result, "[sim.run] has no option bogus")

@@ -49,12 +49,6 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return str(exc)
-
-
 def _size(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
@@ -65,11 +59,7 @@ def list_models(
 ) -> None:
     """Models already in the Hugging Face cache."""
     table = Table("model", "size", "path")
-    try:
-        found = list(cached_models(cache_dir))
-    except (OSError, ValueError) as exc:
-        _fail(f"cannot read the Hugging Face cache: {_describe(exc)}")
-    for repo_id, path, size in found:
+    for repo_id, path, size in cached_models(cache_dir):
         table.add_row(repo_id, _size(size), str(path))
     if table.row_count:
         _console.print(table)
@@ -138,10 +128,7 @@ def make_tiny(
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
 ) -> None:
     """Write a random-weight llama model and tokenizer (its text is meaningless)."""
-    try:
-        path = build_tiny_model(directory, size=size.value, seed=seed)
-    except (OSError, ValueError) as exc:
-        _fail(_describe(exc))
+    path = build_tiny_model(directory, size=size.value, seed=seed)
     model = inspect_model(path)
     _console.print(f"wrote {size.value} model ({model.info.parameters:,} parameters) to {path}")
     _console.print(f"digest {model.info.digest}")

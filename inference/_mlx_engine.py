@@ -58,7 +58,7 @@ from ._models import inspect_model, load_model
 from ._request import GenerateRequest
 from ._stops import StopBuffer
 from ._tools import ToolCallReader, ToolSyntax
-from ._turns import Turns
+from ._turns import ServedOrder, Turns
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 32
@@ -324,8 +324,7 @@ class MLXEngine(Engine):
         self._jobs: deque[_Job] = deque()
         self._cancels: deque[int] = deque()
         self._numbers = itertools.count()
-        self._turns = itertools.count()
-        self._last_turn: dict[str | None, int] = {}  # per client: when it last got a slot
+        self._slot_turns = ServedOrder(remember=4 * (max_batch + max_queue))
         # Per client: when it gave up places it had taken by displacement.
         self._given_up: dict[str | None, deque[float]] = {}
         self._wakeup = trio.Event()
@@ -407,8 +406,14 @@ class MLXEngine(Engine):
 
     # ---- trio side -------------------------------------------------------------------
 
-    def _check_open(self, client: str | None, *, displace: bool) -> None:
-        """Room for one more request from `client`, made by displacement if need be.
+    @property
+    def _places(self) -> int:
+        """Requests running and queued together, at most."""
+        return self._max_batch + self._max_queue
+
+    def _check_open(self, client: str | None, *, displace: bool) -> bool:
+        """Room for one more request from `client`, made by displacement if need be;
+        True when someone was displaced for it.
 
         Before tokenizing (`displace` False) this only asks whether there could be room:
         a request that then turns out invalid must not have cost anyone their place.
@@ -420,10 +425,11 @@ class MLXEngine(Engine):
         if self._closed:
             raise EngineClosed("the engine is not running")
         waiting = len(self._queue) + (0 if displace else self._admitting.total())
-        if len(self._running) + waiting < self._max_batch + self._max_queue:
-            return
+        if len(self._running) + waiting < self._places:
+            return False
         if not self._displace_for(client, act=displace):
             raise EngineBusy(f"{len(self._running)} running and {waiting} queued; try another node")
+        return displace
 
     def _displace_for(self, client: str | None, *, act: bool) -> bool:
         """All places are taken: give `client` the last queued place of the client holding
@@ -452,11 +458,10 @@ class MLXEngine(Engine):
             return True
         victim = next(slot for slot in reversed(self._queue) if slot.client == most)
         self._queue.remove(victim)
-        total = self._max_batch + self._max_queue
         self._finish(
             victim,
             EngineBusy(
-                f"displaced: your requests held {held[most]} of this node's {total} places "
+                f"displaced: your requests held {held[most]} of this node's {self._places} places "
                 "and another client had fewer; try another node"
             ),
         )
@@ -492,8 +497,7 @@ class MLXEngine(Engine):
             )
         # A caller cancelled while its prompt was tokenized must not displace anyone.
         await trio.lowlevel.checkpoint_if_cancelled()
-        full = len(self._running) + len(self._queue) >= self._max_batch + self._max_queue
-        self._check_open(client, displace=True)
+        displaced = self._check_open(client, displace=True)
         send, receive = trio.open_memory_channel[Item](self._chunk_buffer)
         number = next(self._numbers)
         slot = _Slot(
@@ -505,7 +509,7 @@ class MLXEngine(Engine):
             receive=receive,
             client=client,
             grammar=grammar,
-            displaced_someone=full,
+            displaced_someone=displaced,
         )
         self._queue.append(slot)
         self._promote()
@@ -594,17 +598,13 @@ class MLXEngine(Engine):
         first: dict[str | None, int] = {}
         for i, queued in enumerate(queue):
             first.setdefault(queued.client, i)
-        last = self._last_turn
+        turns = self._slot_turns
         chosen = min(
-            first.values(),
-            key=lambda i: (running[queue[i].client], last.get(queue[i].client, -1), i),
+            first.values(), key=lambda i: (running[queue[i].client], turns.last(queue[i].client), i)
         )
         slot = queue[chosen]
         del queue[chosen]
-        last[slot.client] = next(self._turns)
-        if len(last) > 4 * (self._max_batch + self._max_queue):
-            present = {s.client for s in queue} | {s.client for s in self._running.values()}
-            self._last_turn = {c: t for c, t in last.items() if c in present or c == slot.client}
+        turns.note(slot.client)
         return slot
 
     def _finish(self, slot: _Slot, error: EngineError | None) -> None:
@@ -626,7 +626,7 @@ class MLXEngine(Engine):
         return len(times)
 
     def _remember_given_up(self, client: str | None) -> None:
-        if len(self._given_up) > 4 * (self._max_batch + self._max_queue):
+        if len(self._given_up) > 4 * self._places:
             for other in list(self._given_up):
                 self._recently_given_up(other)  # drops the clients with nothing recent
         self._given_up.setdefault(client, deque()).append(trio.current_time())

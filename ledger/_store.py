@@ -226,7 +226,7 @@ class Ledger:
         except sqlite3.Error as e:
             raise LedgerError(f"cannot open the ledger {path}: {e}") from None
         try:
-            stored = _prepare(db, epoch_seconds or DEFAULT_EPOCH_SECONDS)
+            stored = _prepare(db, path, epoch_seconds or DEFAULT_EPOCH_SECONDS)
         except BaseException as e:
             db.close()
             if isinstance(e, sqlite3.Error):
@@ -528,7 +528,7 @@ def _join(high: int | None, low: int | None) -> int:
     return ((high or 0) << 32) + (low or 0)
 
 
-def _prepare(db: sqlite3.Connection, epoch_seconds: int) -> int:
+def _prepare(db: sqlite3.Connection, path: Path, epoch_seconds: int) -> int:
     """Set WAL and full sync, create the schema on first use; returns the stored epoch length."""
     (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
     if mode != "wal":
@@ -545,11 +545,7 @@ def _prepare(db: sqlite3.Connection, epoch_seconds: int) -> int:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif version != SCHEMA_VERSION:
             raise LedgerError(f"ledger schema version {version} is not {SCHEMA_VERSION}")
-        row = db.execute("SELECT value FROM settings WHERE name = 'epoch_seconds'").fetchone()
-    if row is None:
-        raise LedgerError("the ledger has lost its epoch length; it is corrupted")
-    stored: int = row[0]
-    return stored
+        return _stored_epoch_seconds(db, path)
 
 
 def _check_ledger(db: sqlite3.Connection, path: Path) -> int:
@@ -565,7 +561,12 @@ def _check_ledger(db: sqlite3.Connection, path: Path) -> int:
             raise LedgerError(
                 f"{path} is not a dbloom ledger (missing tables: {', '.join(sorted(missing))})"
             )
-        row = db.execute("SELECT value FROM settings WHERE name = 'epoch_seconds'").fetchone()
+        return _stored_epoch_seconds(db, path)
+
+
+def _stored_epoch_seconds(db: sqlite3.Connection, path: Path) -> int:
+    """The epoch length fixed when the ledger was made; inside a transaction."""
+    row = db.execute("SELECT value FROM settings WHERE name = 'epoch_seconds'").fetchone()
     if row is None or type(row[0]) is not int or row[0] < 1:
         raise LedgerError(f"the ledger {path} has lost its epoch length; it is corrupted")
     stored: int = row[0]

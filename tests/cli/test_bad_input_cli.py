@@ -217,3 +217,9 @@ def test_a_groups_commands_have_config_tables_of_their_own(tmp_path: Path) -> No
     config.write_text("[sim.run]\nbogus = 1\n")
     result = run("sim", "list", home=tmp_path, env={"DBLOOM_CONFIG": str(config)})
     one_line_error(result, "[sim.run] has no option bogus")
+
+
+def test_models_list_with_a_file_for_the_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    one_line_error(run("models", "list", "--cache-dir", str(cache), home=tmp_path), str(cache))

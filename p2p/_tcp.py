@@ -14,6 +14,8 @@ import socket
 
 import trio
 
+from ._streams import ReceiveInterrupted
+
 RECEIVE_SIZE = 256 * 1024
 
 
@@ -27,6 +29,23 @@ class TcpStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._send_busy = False
         self._recv_busy = False
+        self._receive_waiting = False
+        self._receive_interrupted = False
+
+    @property
+    def can_interrupt_receive(self) -> bool:
+        """Always: see `interrupt_receive`."""
+        return True
+
+    def interrupt_receive(self) -> None:
+        """Wake a `receive_some` waiting for data; it raises ReceiveInterrupted.
+
+        Done with `notify_closing`, which wakes every waiter on the socket without
+        closing it; a write waiting for room (`flush`) just waits again.
+        """
+        if self._receive_waiting and not self._closed:
+            self._receive_interrupted = True
+            trio.lowlevel.notify_closing(self.socket)
 
     def _raise_closed(self) -> None:
         if self._closed:
@@ -60,7 +79,15 @@ class TcpStream(trio.abc.HalfCloseableStream):
             if sent:
                 del self._unsent[:sent]
             else:
-                await trio.lowlevel.wait_writable(self.socket)
+                await self._wait_writable()
+
+    async def _wait_writable(self) -> None:
+        try:
+            await trio.lowlevel.wait_writable(self.socket)
+        except trio.ClosedResourceError:
+            if self._closed:
+                raise
+            # Woken by interrupt_receive, not by a close: the caller looks again.
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Write everything (after anything left over by `send_all_nowait`)."""
@@ -80,7 +107,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         """Waits for socket buffer space."""
         self._raise_closed()
-        await trio.lowlevel.wait_writable(self.socket)
+        await self._wait_writable()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """The next bytes available; b"" at end of stream."""
@@ -96,7 +123,16 @@ class TcpStream(trio.abc.HalfCloseableStream):
                 try:
                     data = self.socket.recv(size)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self.socket)
+                    self._receive_waiting = True
+                    try:
+                        await trio.lowlevel.wait_readable(self.socket)
+                    except trio.ClosedResourceError:
+                        if self._receive_interrupted and not self._closed:
+                            raise ReceiveInterrupted from None
+                        raise
+                    finally:
+                        self._receive_waiting = False
+                        self._receive_interrupted = False
                     waited = True
                     continue
                 except OSError as exc:

@@ -8,7 +8,7 @@ import trio
 
 from .._errors import ErrorCode, RemoteProtocolError
 from .._identity import KeyPair, PeerId
-from .._streams import NowaitSendStream
+from .._streams import InterruptibleReceiveStream, NowaitSendStream
 from ..multistream import LazyProposal
 from ._core import (
     MAX_PLAINTEXT,
@@ -70,6 +70,17 @@ class NoiseStream(trio.abc.Stream):
             await self.transport.send_all(pending)
         elif self._nowait is not None:
             await self._flush_transport()
+
+    @property
+    def can_interrupt_receive(self) -> bool:
+        """When the transport can."""
+        transport = self.transport
+        return isinstance(transport, InterruptibleReceiveStream) and transport.can_interrupt_receive
+
+    def interrupt_receive(self) -> None:
+        """Delegates: a read the transport abandons has consumed nothing of a frame."""
+        if isinstance(self.transport, InterruptibleReceiveStream):
+            self.transport.interrupt_receive()
 
     async def wait_send_all_might_not_block(self) -> None:
         """Delegates to the transport."""

@@ -18,9 +18,16 @@ from typing import Any
 import typer
 
 
-def config_path() -> Path:
+def config_path() -> Path | None:
+    """`DBLOOM_CONFIG` if set (empty: no file at all), else the per-user default."""
     env = os.environ.get("DBLOOM_CONFIG")
-    return Path(env).expanduser() if env else Path.home() / ".config" / "dbloom" / "config.toml"
+    if env is None:
+        return default_config_path()
+    return Path(env).expanduser() if env else None
+
+
+def default_config_path() -> Path:
+    return Path.home() / ".config" / "dbloom" / "config.toml"
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -30,13 +37,16 @@ class ConfigError(ValueError):
     """The config file cannot be read or names an option that does not exist."""
 
 
-def load_config(commands: Mapping[str, Any], path: Path | None = None) -> dict[str, Any]:
+def load_config(commands: Mapping[str, Any]) -> dict[str, Any]:
     """The `default_map` for a group with `commands`, validated against their options.
 
-    An absent file means no defaults (tests and services point `DBLOOM_CONFIG` at a
-    path that does not exist to ignore the user's file).
+    No file at the default place means no defaults; a file named by `DBLOOM_CONFIG`
+    must exist, so a typo in it is an error, not a silently ignored file. An empty
+    `DBLOOM_CONFIG` ignores every file (tests and scripts use it).
     """
-    path = path or config_path()
+    path = config_path()
+    if path is None:
+        return {}
     try:
         if path.exists() and not path.is_file():
             raise ConfigError(f"{path} is not a regular file")
@@ -44,7 +54,11 @@ def load_config(commands: Mapping[str, Any], path: Path | None = None) -> dict[s
             raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES} bytes: not a config file")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return {}
+        if path == default_config_path():
+            return {}
+        raise ConfigError(
+            f"DBLOOM_CONFIG names {path}, which does not exist (set it empty to use no config file)"
+        ) from None
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:

@@ -15,7 +15,7 @@ DBLOOM = [sys.executable, "-m", "dbloom.cli"]
 
 
 def run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DBLOOM_HOME": str(home), "DBLOOM_CONFIG": str(home / "none")}
+    env = {**os.environ, "DBLOOM_HOME": str(home), "DBLOOM_CONFIG": ""}
     return subprocess.run([*DBLOOM, *args], capture_output=True, text=True, timeout=60, env=env)
 
 

@@ -19,8 +19,8 @@ DBLOOM = [sys.executable, "-m", "dbloom.cli"]
 def run(
     *args: str, home: Path, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if k != "DBLOOM_CONFIG"}
-    full.update({"DBLOOM_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env or {})})
+    full = {**os.environ, "DBLOOM_HOME": str(home), "HF_HUB_OFFLINE": "1", "DBLOOM_CONFIG": ""}
+    full.update(env or {})
     return subprocess.run(
         [*DBLOOM, *args], capture_output=True, text=True, timeout=timeout, env=full
     )
@@ -223,3 +223,25 @@ def test_models_list_with_a_file_for_the_cache(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.write_text("not a folder")
     one_line_error(run("models", "list", "--cache-dir", str(cache), home=tmp_path), str(cache))
+
+
+def test_a_config_file_named_but_missing_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.toml"
+    one_line_error(
+        run("keys", "show", home=tmp_path, env={"DBLOOM_CONFIG": str(missing)}),
+        f"DBLOOM_CONFIG names {missing}, which does not exist",
+    )
+    # Empty means no file at all, even where the default one is broken.
+    user = tmp_path / "user"
+    (user / ".config" / "dbloom").mkdir(parents=True)
+    (user / ".config" / "dbloom" / "config.toml").write_text("[nonsense]\n")
+    shown = run("keys", "show", home=tmp_path, env={"DBLOOM_CONFIG": "", "HOME": str(user)})
+    assert "no identity key" in shown.stderr, shown.stderr
+    assert "nonsense" not in shown.stderr
+    # Unset: the default file is read (and its mistake named).
+    env = {k: v for k, v in os.environ.items() if k != "DBLOOM_CONFIG"}
+    env.update({"DBLOOM_HOME": str(tmp_path), "HOME": str(user)})
+    default = subprocess.run(
+        [*DBLOOM, "keys", "show"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert default.returncode == 1 and "[nonsense]" in default.stderr

@@ -30,7 +30,7 @@ def dbloom(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[st
     environment = {
         **os.environ,
         "DBLOOM_HOME": str(home),
-        "DBLOOM_CONFIG": str(home / "no-config.toml"),
+        "DBLOOM_CONFIG": "",
         **env,
     }
     return subprocess.run(
@@ -127,7 +127,7 @@ async def test_status_shows_the_running_peer(model: Path, tmp_path: Path) -> Non
             env={
                 **os.environ,
                 "DBLOOM_HOME": str(tmp_path),
-                "DBLOOM_CONFIG": str(tmp_path / "none"),
+                "DBLOOM_CONFIG": "",
             },
             check=False,
         )

@@ -26,7 +26,7 @@ async def start(args: list[str], home: Path, nursery: trio.Nursery, **env: str) 
     environment = {
         **os.environ,
         "DBLOOM_HOME": str(home),
-        "DBLOOM_CONFIG": str(home / "none"),
+        "DBLOOM_CONFIG": "",
         **env,
     }
     run = partial(
@@ -115,6 +115,7 @@ def run_cli(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[s
 
 def test_peer_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
+    config.write_text("")
     env = {"DBLOOM_CONFIG": str(config)}
     result = run_cli("peer", home=tmp_path, **env)
     assert result.returncode == 1 and "nothing to serve" in result.stderr

@@ -28,7 +28,7 @@ async def test_relay_listens_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "DBLOOM_HOME": str(tmp_path),
-        "DBLOOM_CONFIG": str(tmp_path / "none"),
+        "DBLOOM_CONFIG": "",
         "PYTHONUNBUFFERED": "1",
     }
     async with trio.open_nursery() as nursery:
@@ -63,7 +63,7 @@ async def test_relay_shim_says_it_sees_plaintext(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "DBLOOM_HOME": str(tmp_path),
-        "DBLOOM_CONFIG": str(tmp_path / "none"),
+        "DBLOOM_CONFIG": "",
         "PYTHONUNBUFFERED": "1",
         "COLUMNS": "400",
     }

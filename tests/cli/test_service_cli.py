@@ -190,6 +190,7 @@ def test_service_commands_end_to_end(tmp_path: Path) -> None:
     printed = (DATA / "launchctl_print_running.txt").read_text()
     ctl = fake_ctl(tmp_path / "bin", show={"stdout": show}, print={"stdout": printed})
     config = tmp_path / "config.toml"
+    config.write_text("")
     env = {
         "HOME": str(tmp_path / "user"),
         "DBLOOM_HOME": str(tmp_path / "home"),
@@ -220,7 +221,7 @@ def test_service_commands_end_to_end(tmp_path: Path) -> None:
 
 
 def test_service_logs_tail_and_follow_across_rotation(tmp_path: Path) -> None:
-    env = {"DBLOOM_HOME": str(tmp_path), "DBLOOM_CONFIG": str(tmp_path / "none")}
+    env = {"DBLOOM_HOME": str(tmp_path), "DBLOOM_CONFIG": ""}
     done = dbloom("service", "logs", env=env)
     assert done.returncode == 1 and "no log at" in done.stderr
     log = tmp_path / "logs" / "peer.log"

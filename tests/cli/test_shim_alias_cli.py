@@ -24,7 +24,7 @@ DBLOOM = [sys.executable, "-m", "dbloom.cli"]
 
 
 def environment(home: Path, **env: str) -> dict[str, str]:
-    return {**os.environ, "DBLOOM_HOME": str(home), "DBLOOM_CONFIG": str(home / "none"), **env}
+    return {**os.environ, "DBLOOM_HOME": str(home), "DBLOOM_CONFIG": "", **env}
 
 
 async def start(args: list[str], home: Path, nursery: trio.Nursery, **env: str) -> trio.Process:

@@ -52,8 +52,7 @@ print("answer", json.dumps(reply.choices[0].text), flush=True)
 
 def dbloom(home: Path, *args: str) -> list[str]:
     """A `dbloom` command line with its own home and no config file."""
-    config = f"DBLOOM_CONFIG={home / 'none'}"
-    return ["env", config, sys.executable, "-m", "dbloom.cli", "--home", str(home), *args]
+    return ["env", "DBLOOM_CONFIG=", sys.executable, "-m", "dbloom.cli", "--home", str(home), *args]
 
 
 async def local_answer(model: Path, prompt: str) -> str:

@@ -106,7 +106,7 @@ async def test_public_peer_holds_no_relay_slot(node_model: Path) -> None:
 
 
 def test_peer_command_takes_a_reachability_mode(node_model: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "DBLOOM_HOME": str(tmp_path), "DBLOOM_CONFIG": str(tmp_path / "none")}
+    env = {**os.environ, "DBLOOM_HOME": str(tmp_path), "DBLOOM_CONFIG": ""}
     peer = [sys.executable, "-m", "dbloom.cli", "peer", "-m", str(node_model), "--dry-run"]
     shown = subprocess.run(
         [*peer, "--reachability", "private"], capture_output=True, text=True, env=env, timeout=60

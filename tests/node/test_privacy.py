@@ -158,7 +158,7 @@ async def test_prompts_and_outputs_stay_out_of_logs_files_and_crash_reports(
                     env={
                         **os.environ,
                         "DBLOOM_HOME": str(child_home),
-                        "DBLOOM_CONFIG": str(tmp_path / "no-config.toml"),
+                        "DBLOOM_CONFIG": "",
                         "PYTHONFAULTHANDLER": "1",
                     },
                     preexec_fn=_allow_core_files,

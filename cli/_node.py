@@ -46,11 +46,13 @@ from dbloom.attest import (
     EvidenceProvider,
     NodeAttester,
     Posture,
+    Reason,
     harden_process,
     measure_software,
     read_posture,
     serve_attest,
 )
+from dbloom.attest._tlog import MAX_BUNDLE, check_log_proof
 from dbloom.inference import (
     DIRECTORY_KEY,
     EnginePool,
@@ -131,7 +133,8 @@ class PeerSettings:
     benchmark: bool = True
     harden: bool = True
     record_interval: float = 600.0
-    log_proof: Path | None = None
+    log_proof: bytes | None = None
+    """An inclusion bundle `read_log_proof` checked."""
     kad: KadConfig | None = None
     ledger: Path | None = None
     availability: Rules = field(default_factory=lambda: Rules(always_on=True))
@@ -200,6 +203,32 @@ def _plan_model(ref: str, model_id: str | None, *, download: bool) -> ModelPlan:
 
 def _inspect(plan: ModelPlan) -> LocalModel:
     return inspect_model(plan.path, model_id=plan.id)
+
+
+class LogProofError(ValueError):
+    """`--log-proof` names a file that does not prove this software is logged."""
+
+
+def read_log_proof(path: Path, measurement: bytes) -> bytes:
+    """The inclusion bundle in `path`, checked against this software's `measurement`.
+
+    Checked at start because a node shipping a broken proof would run, announce and
+    then be refused by every client that requires logged software. Whose log keys
+    to trust is the client's choice, so the tree head's signature is not checked here.
+    """
+    try:
+        if not path.is_file():
+            raise LogProofError(f"--log-proof {path}: not a regular file")
+        with path.open("rb") as f:
+            raw = f.read(MAX_BUNDLE + 1)
+    except OSError as e:
+        raise LogProofError(f"--log-proof {path}: cannot read it ({e.strerror})") from None
+    problems = [
+        r for r in check_log_proof(raw, measurement, ()) if r.reason is not Reason.BAD_LOG_SIGNATURE
+    ]
+    if problems:
+        raise LogProofError(f"--log-proof {path}: {problems[0].detail}")
+    return raw
 
 
 def check_max_memory(plans: Sequence[ModelPlan], max_memory: int | None) -> None:
@@ -343,7 +372,7 @@ class PeerNode:
                 measurement=self.measurement,
                 models={m.id: bytes.fromhex(m.digest) for m in infos},
                 posture=self.posture,
-                log_bundle=s.log_proof.read_bytes() if s.log_proof else None,
+                log_bundle=s.log_proof,
             )
             self.status = "checking attestation"
             self.attestation = await _check_attestation(attester)

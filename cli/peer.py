@@ -30,7 +30,13 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from dbloom.attest import AppleHelperProvider, DevProvider, EvidenceProvider, TpmProvider
+from dbloom.attest import (
+    AppleHelperProvider,
+    DevProvider,
+    EvidenceProvider,
+    TpmProvider,
+    measure_software,
+)
 from dbloom.attest._apple_helper import HELPER
 from dbloom.ledger._money import format_price, parse_price
 from dbloom.p2p import (
@@ -44,7 +50,15 @@ from dbloom.p2p import (
 
 from ._availability import Availability, Hours, Rules, gib, parse_hours
 from ._common import console, fail, home_dir, run, state
-from ._node import REACHABILITY_MODES, PeerNode, PeerSettings, ReachabilityMode, expand_addrs
+from ._node import (
+    REACHABILITY_MODES,
+    LogProofError,
+    PeerNode,
+    PeerSettings,
+    ReachabilityMode,
+    expand_addrs,
+    read_log_proof,
+)
 from ._probes import read_all, system_probes
 from .p2p import wait_for_interrupt
 from .status import MARKS, status_path
@@ -241,6 +255,12 @@ def peer(
         always_on=always_on,
     )
     home_path = home_dir(home)
+    log_bundle = None
+    if log_proof is not None:
+        try:
+            log_bundle = read_log_proof(log_proof, measure_software().digest)
+        except LogProofError as e:
+            fail(str(e))
 
     async def main() -> None:
         key_file = home_path / KEY_FILE_NAME
@@ -261,7 +281,7 @@ def peer(
             max_queue=max_queue,
             drain_timeout=drain_timeout,
             benchmark=benchmark,
-            log_proof=log_proof,
+            log_proof=log_bundle,
             ledger=home_path / LEDGER_FILE,
             availability=rules,
             max_memory=None if max_memory is None else int(max_memory * 2**30),

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dbloom.attest import measure_software
+from dbloom.attest._tlog import TransparencyLog
 from dbloom.inference import build_tiny_model
 
 DBLOOM = [sys.executable, "-m", "dbloom.cli"]
@@ -245,3 +247,23 @@ def test_a_config_file_named_but_missing_is_an_error(tmp_path: Path) -> None:
         [*DBLOOM, "keys", "show"], capture_output=True, text=True, timeout=60, env=env
     )
     assert default.returncode == 1 and "[nonsense]" in default.stderr
+
+
+def test_peer_refuses_a_log_proof_that_proves_nothing(tmp_path: Path, model: Path) -> None:
+    peer = ("peer", "--dry-run", "-m", str(model), "--log-proof")
+    garbage = tmp_path / "garbage.proof"
+    garbage.write_bytes(b"\x00not msgpack at all" * 10)
+    one_line_error(run(*peer, str(garbage), home=tmp_path), "--log-proof")
+    one_line_error(run(*peer, str(tmp_path), home=tmp_path), "not a regular file")
+    log = TransparencyLog.init(tmp_path / "log")
+    log.add(b"\x11" * 32)
+    log.add(b"\x22" * 32)
+    other = tmp_path / "other.proof"
+    other.write_bytes(log.inclusion_bundle(b"\x22" * 32).encode())
+    one_line_error(run(*peer, str(other), home=tmp_path), "is not in the log")
+    mine = measure_software().digest
+    log.add(mine)
+    good = tmp_path / "good.proof"
+    good.write_bytes(log.inclusion_bundle(mine).encode())
+    result = run(*peer, str(good), home=tmp_path)
+    assert result.returncode == 0, result.stderr

@@ -137,6 +137,8 @@ class MemoryStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """The next arrived bytes, waiting for their arrival time."""
         pipe = self._in
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("stream closed")
@@ -145,11 +147,13 @@ class MemoryStream(trio.abc.HalfCloseableStream):
                 if arrival <= trio.current_time():
                     break
                 await trio.sleep_until(arrival)
+                waited = True
                 continue
             if pipe.closed:
                 await trio.lowlevel.checkpoint()
                 return b""
             await pipe.changed.wait()
+            waited = True
         if max_bytes is not None and len(segment) > max_bytes:
             pipe.segments[0] = (arrival, segment[max_bytes:])
             segment = segment[:max_bytes]
@@ -157,6 +161,8 @@ class MemoryStream(trio.abc.HalfCloseableStream):
             pipe.segments.popleft()
         pipe.in_flight -= len(segment)
         pipe._notify()
+        if not waited:  # a checkpoint like any trio receive, without losing what was taken
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return segment
 
     async def send_eof(self) -> None:

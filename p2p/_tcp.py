@@ -43,9 +43,13 @@ class TcpStream(trio.abc.HalfCloseableStream):
         Done with `notify_closing`, which wakes every waiter on the socket without
         closing it; a write waiting for room (`flush`) just waits again.
         """
-        if self._receive_waiting and not self._closed:
+        if self._recv_busy and not self._closed:
+            # Kept until the next wait if the read is not waiting now (it may be
+            # about to return part of a frame, and a layer above read on): at worst
+            # one later read of that caller is interrupted for nothing.
             self._receive_interrupted = True
-            trio.lowlevel.notify_closing(self.socket)
+            if self._receive_waiting:
+                trio.lowlevel.notify_closing(self.socket)
 
     def _raise_closed(self) -> None:
         if self._closed:
@@ -123,16 +127,19 @@ class TcpStream(trio.abc.HalfCloseableStream):
                 try:
                     data = self.socket.recv(size)
                 except BlockingIOError:
+                    if self._receive_interrupted:
+                        self._receive_interrupted = False
+                        raise ReceiveInterrupted from None
                     self._receive_waiting = True
                     try:
                         await trio.lowlevel.wait_readable(self.socket)
                     except trio.ClosedResourceError:
                         if self._receive_interrupted and not self._closed:
+                            self._receive_interrupted = False
                             raise ReceiveInterrupted from None
                         raise
                     finally:
                         self._receive_waiting = False
-                        self._receive_interrupted = False
                     waited = True
                     continue
                 except OSError as exc:

@@ -538,6 +538,7 @@ class YamuxConnection:
         self, lot: trio.lowlevel.ParkingLot, ready: Callable[[], bool]
     ) -> None:
         """Wait until `ready()`: read the transport ourselves while nobody else does."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         while not ready():
             if self._reader is None and self._started and not self._read_over:
                 await self._read_until(lot, ready)
@@ -581,8 +582,11 @@ class YamuxConnection:
 
     def _stop_reading_for(self, stream: YamuxStream) -> None:
         """`stream` was closed here: a read it is doing for itself has no reason left."""
-        if self._reader not in (stream._recv_lot, stream._send_lot):
-            return
+        if self._reader in (stream._recv_lot, stream._send_lot):
+            self._stop_stream_read()
+
+    def _stop_stream_read(self) -> None:
+        """Wake a stream's task blocked in a transport read (reads are cancel-safe)."""
         if self._interruptible:
             cast(InterruptibleReceiveStream, self._transport).interrupt_receive()
         elif self._reading_scope is not None:
@@ -599,7 +603,7 @@ class YamuxConnection:
             lot.unpark_all()
             return
         self._reader = None
-        if lease and not self._read_over:
+        if lease and not (self._read_over or self._closed):
             # The background reader wakes when a lease it knows of ends, and then
             # looks at the newest one: so a lease costs one float store, not a timer.
             self._lease_end = trio.current_time() + READ_LEASE
@@ -654,6 +658,8 @@ class YamuxConnection:
         except RemoteProtocolError as exc:
             self._failure_from_core = True
             self._end_reading("protocol error from peer", exc)
+            return False
+        if self._closed:  # ended while we read: every stream is gone, no new one is wanted
             return False
         delivered = False
         streams = self._streams
@@ -823,6 +829,8 @@ class YamuxConnection:
         self._streams.clear()
         self._accept_send.close()
         self._room_lot.unpark_all()
+        if self._reader is not None and self._reader is not _BACKGROUND:
+            self._stop_stream_read()  # its stream is broken: its task must not wait on
         self._wake_background_reader()  # it reads on until the transport is closed
         for pending in self._pings.values():
             pending.done.set()

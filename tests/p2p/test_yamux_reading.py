@@ -6,12 +6,15 @@ stops its own read through `interrupt_receive` instead of a cancel scope.
 
 from __future__ import annotations
 
+import random
 import socket
+import struct
 
 import pytest
 import trio
 import trio.testing
 
+from dbloom.p2p._memory import LinkProfile, MemoryStream, _Pipe
 from dbloom.p2p._streams import ReceiveInterrupted
 from dbloom.p2p._tcp import TcpStream
 from dbloom.p2p.yamux import Role, YamuxConnection, YamuxStream
@@ -181,3 +184,132 @@ async def test_interrupted_tcp_receive_loses_nothing_and_spares_a_waiting_writer
     await b.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await a.receive_some()
+
+
+class _InterruptAfterFirstRecv(trio.abc.Instrument):
+    """Interrupts `stream` while its task sits in the yield after a recv that
+    needed no wait: the moment a layer above may read on for the rest of a frame."""
+
+    def __init__(self, stream: TcpStream) -> None:
+        self.stream = stream
+        self.fired = False
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        s = self.stream
+        if not self.fired and s._recv_busy and not s._receive_waiting:
+            self.fired = True
+            s.interrupt_receive()
+
+
+async def test_an_interrupt_between_a_partial_read_and_the_next_wait_is_kept() -> None:
+    a, b = tcp_pair()
+    await b.send_all(b"half a frame")
+    await trio.sleep(0.05)  # in a's socket buffer: the next recv needs no wait
+    outcome: list[object] = []
+
+    async def read_a_frame() -> None:  # as NoiseStream does: read on until it is whole
+        outcome.append(await a.receive_some())
+        try:
+            await a.receive_some()
+        except ReceiveInterrupted:
+            outcome.append("interrupted")
+
+    instrument = _InterruptAfterFirstRecv(a)
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        with trio.fail_after(5):
+            await read_a_frame()
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
+    assert instrument.fired
+    assert outcome == [b"half a frame", "interrupted"]
+    await b.send_all(b"rest")
+    assert await a.receive_some() == b"rest"
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_closing_the_connection_wakes_a_stream_reading_for_itself_at_once() -> None:
+    header = struct.Struct(">BBHII")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        raw, _ = listener.accept()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    conn = YamuxConnection(TcpStream(a), Role.CLIENT)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn.run)
+        stream = await conn.open_stream()
+        await stream.send_all(b"x")
+        sid = stream.stream_id
+        raw.sendall(header.pack(0, 1, 0x2, sid, 0) + header.pack(0, 0, 0, sid, 1) + b"y")
+        assert await stream.receive_some() == b"y"  # the stream holds the lease
+        woken: list[float] = []
+
+        async def read() -> None:
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.receive_some()
+            woken.append(trio.current_time())
+
+        async def write_to_a_peer_that_never_reads() -> None:
+            other = await conn.open_stream()
+            with pytest.raises(trio.BrokenResourceError):
+                await other.send_all(b"w" * 200_000)
+
+        nursery.start_soon(read)
+        nursery.start_soon(write_to_a_peer_that_never_reads)
+        await trio.sleep(0.2)
+        assert conn._reader is stream._recv_lot
+        start = trio.current_time()
+        await conn.aclose()  # waits up to GO_AWAY_TIMEOUT for the stuck transport
+        assert woken and woken[0] - start < 0.5
+    raw.close()
+
+
+async def test_a_stream_reading_for_itself_is_still_a_checkpoint() -> None:
+    first, second = (
+        _Pipe(LinkProfile(), random.Random(0), 1 << 20),
+        _Pipe(LinkProfile(), random.Random(1), 1 << 20),
+    )
+    client = YamuxConnection(MemoryStream(first, second), Role.CLIENT)
+    server = YamuxConnection(MemoryStream(second, first), Role.SERVER)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        await nursery.start(server.run)
+        stream = await client.open_stream()
+        await stream.send_all(b"x")
+        peer = await server.accept_stream()
+        await peer.receive_some()
+        await peer.send_all(b"1")
+        assert await stream.receive_some() == b"1"  # the stream holds the lease
+        await peer.send_all(b"2")  # already in the pipe: reading it needs no wait
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await stream.receive_some()
+        assert scope.cancelled_caught
+        assert await stream.receive_some() == b"2"  # nothing lost
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stream_opened_after_the_session_ended_is_ignored() -> None:
+    header = struct.Struct(">BBHII")
+    ours, raw = trio.testing.memory_stream_pair()
+    conn = YamuxConnection(ours, Role.CLIENT)
+    ended: list[BaseException | None] = []
+
+    async def run_conn(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await conn.run(task_status=task_status)
+            ended.append(None)
+        except BaseException as exc:  # what run() lets out is the point of this test
+            ended.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_conn)
+        # Ended without a GoAway, as a failed write ends it, while its transport
+        # still delivers: the peer's SYN is read after the accept channel closed.
+        conn._terminate("write failed", None)
+        await raw.send_all(header.pack(0, 1, 0x1, 2, 0))
+        await trio.testing.wait_all_tasks_blocked()
+        await raw.aclose()
+    assert ended == [None]

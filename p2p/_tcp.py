@@ -38,7 +38,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         return True
 
     def interrupt_receive(self) -> None:
-        """Wake a `receive_some` waiting for data; it raises ReceiveInterrupted.
+        """Stop a `receive_some` in progress: it raises ReceiveInterrupted instead of waiting.
 
         Done with `notify_closing`, which wakes every waiter on the socket without
         closing it; a write waiting for room (`flush`) just waits again.

@@ -104,13 +104,14 @@ async def test_twenty_ledgers_agree_on_ten_thousand_gossiped_receipts(
                 await trio.sleep(0.5)
         peers[7].service.submit(receipts[0])  # the same receipt from a second shim
         await until(lambda: all(p.ledger.summary().receipts == RECEIPTS for p in peers))
+        # The second copy may still be queued when every ledger already holds them all.
+        await until(lambda: sum(p.service.outcomes["duplicate"] for p in peers) >= 1)
         first = peers[0].ledger.summary()
         assert first.paid == RECEIPTS and first.rejections["duplicate"] >= 0
         epochs = range(first.first_epoch or 0, (first.last_epoch or 0) + 1)
         roots = {tuple(p.ledger.epoch_root(e) for e in epochs) for p in peers}
         totals = {(p.ledger.summary().paid, p.ledger.summary().paid_amount) for p in peers}
         assert len(roots) == 1 and len(totals) == 1
-        assert sum(p.service.outcomes["duplicate"] for p in peers) >= 1
 
         # A second, validly signed receipt under an id already settled: a replay.
         original = body_for(id=b"\x01" * 16, node=NODES[0], client=CLIENTS[0])

@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	@mkdir -p build/mypy/dbloom
 	@for p in $(TYPED); do ln -sfn ../../../$$p build/mypy/dbloom/$$p; done
 	MYPYPATH=build/mypy $(BIN)/mypy $(addprefix -p dbloom.,$(TYPED))

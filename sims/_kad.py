@@ -145,9 +145,7 @@ class SimKad:
         self.table = RoutingTable(peer_id, k=spec.k)
         self.records = RecordStore({"dbloom": validator})
         # Seeded per peer: a crowded key's reply samples stay the same run to run.
-        self.providers = ProviderStore(
-            ttl=spec.provider_ttl, rng=random.Random(peer_id.multihash)
-        )
+        self.providers = ProviderStore(ttl=spec.provider_ttl, rng=random.Random(peer_id.multihash))
         self.responder = KadResponder(
             self.table,
             self.records,

@@ -94,7 +94,7 @@ def test_launchd_agent_runs_the_peer_at_login_and_restarts_it_after_a_crash() ->
 
 
 def test_systemd_unit_quotes_and_escapes_what_it_must() -> None:
-    home = Path("/home/o'wner/100%/da$h \"q\"")
+    home = Path('/home/o\'wner/100%/da$h "q"')
     spec = service_spec(home, python=PYTHON, drain_timeout=10, environ={})
     unit = systemd_unit(spec)
     lines = unit.splitlines()
@@ -107,7 +107,7 @@ def test_systemd_unit_quotes_and_escapes_what_it_must() -> None:
     assert 'Environment="PYTHONUNBUFFERED=1"' in lines
     assert "Restart=on-failure" in lines and "TimeoutStopSec=25" in lines
     assert "LimitCORE=0" in lines
-    assert "StandardError=append:/home/o'wner/100%%/da$h \"q\"/logs/service.err.log" in lines
+    assert 'StandardError=append:/home/o\'wner/100%%/da$h "q"/logs/service.err.log' in lines
     with pytest.raises(ServiceError, match="line break"):
         systemd_unit(service_spec(Path("/home/a\nb"), python=PYTHON, environ={}))
 

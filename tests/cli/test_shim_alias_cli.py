@@ -75,7 +75,15 @@ async def test_shim_alias_with_a_required_key_answers_the_example(tmp_path: Path
         )
         boot_addr = last_word(await read_until(boot, "listening on"), "listening on")
         peer = await start(
-            ["peer", "-l", "/ip4/127.0.0.1/tcp/0", "-b", boot_addr, "--no-benchmark", "--always-on"],
+            [
+                "peer",
+                "-l",
+                "/ip4/127.0.0.1/tcp/0",
+                "-b",
+                boot_addr,
+                "--no-benchmark",
+                "--always-on",
+            ],
             tmp_path / "peer",
             nursery,
             DBLOOM_MODEL=str(model),

@@ -129,11 +129,17 @@ async def test_linux_probes_read_sysfs_and_procfs(tmp_path: Path) -> None:
     probes = LinuxProbes(
         power_supplies=write_tree(
             tmp_path / "power_supply",
-            {"AC": {"type": "Mains", "online": "0"}, "BAT0": {"type": "Battery", "status": "Discharging"}},
+            {
+                "AC": {"type": "Mains", "online": "0"},
+                "BAT0": {"type": "Battery", "status": "Discharging"},
+            },
         ),
         thermal_zones=write_tree(
             tmp_path / "thermal",
-            {"thermal_zone0": zone(96000, passive=90000, hot=95000), "cooling_device0": {"type": "Fan"}},
+            {
+                "thermal_zone0": zone(96000, passive=90000, hot=95000),
+                "cooling_device0": {"type": "Fan"},
+            },
         ),
         meminfo=DATA / "meminfo.txt",
     )

@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -167,6 +168,18 @@ def _bin(body: dict[str, Any], key: str, size: int) -> bytes:
     if not isinstance(value, bytes) or len(value) != size:
         raise EvidenceDecodeError(f"inclusion bundle {key} must be {size} bytes")
     return value
+
+
+def read_bundle_file(path: Path) -> bytes:
+    """A proof file's bytes, read no further than a bundle can be (more is refused
+    by the decoder). Raises OSError, or LogError for a folder, pipe or device, which
+    would otherwise be read from forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LogError(f"{path} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read(MAX_BUNDLE + 1)
 
 
 def check_log_proof(raw: bytes, measurement: bytes, trusted_keys: Sequence[bytes]) -> list[Refusal]:

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from dbloom.cli._common import console, err_console, run
 
-from ._tlog import MAX_BUNDLE, LogError, TransparencyLog, check_log_proof
+from ._tlog import LogError, TransparencyLog, check_log_proof, read_bundle_file
 
 log_app = typer.Typer(
     help="The transparency log of allowed software measurements.", no_args_is_help=True
@@ -93,9 +93,8 @@ def verify(
     measurement = _hex32_or_fail(measurement_hex, "measurement")
     keys = [_hex32_or_fail(key, "log key") for key in log_keys]
     try:
-        with bundle_file.open("rb") as handle:
-            raw = handle.read(MAX_BUNDLE + 1)
-    except OSError as exc:
+        raw = read_bundle_file(bundle_file)
+    except (OSError, LogError) as exc:
         _fail(exc)
     refusals = check_log_proof(raw, measurement, keys)
     for refusal in refusals:

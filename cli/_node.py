@@ -52,7 +52,7 @@ from dbloom.attest import (
     read_posture,
     serve_attest,
 )
-from dbloom.attest._tlog import MAX_BUNDLE, check_log_proof
+from dbloom.attest._tlog import LogError, check_log_proof, read_bundle_file
 from dbloom.inference import (
     DIRECTORY_KEY,
     EnginePool,
@@ -217,10 +217,9 @@ def read_log_proof(path: Path, measurement: bytes) -> bytes:
     to trust is the client's choice, so the tree head's signature is not checked here.
     """
     try:
-        if not path.is_file():
-            raise LogProofError(f"--log-proof {path}: not a regular file")
-        with path.open("rb") as f:
-            raw = f.read(MAX_BUNDLE + 1)
+        raw = read_bundle_file(path)
+    except LogError as e:
+        raise LogProofError(f"--log-proof: {e}") from None
     except OSError as e:
         raise LogProofError(f"--log-proof {path}: cannot read it ({e.strerror})") from None
     problems = [

@@ -20,6 +20,8 @@ from dbloom.p2p._tcp import TcpStream
 from dbloom.p2p.yamux import Role, YamuxConnection, YamuxStream
 from dbloom.p2p.yamux._trio import READ_LEASE
 
+HEADER = struct.Struct(">BBHII")  # yamux: version, type, flags, stream id, length
+
 
 def tcp_pair() -> tuple[TcpStream, TcpStream]:
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -46,6 +48,20 @@ async def tcp_stream_pair(nursery: trio.Nursery) -> tuple[YamuxStream, YamuxStre
     return outbound, inbound
 
 
+async def leased_stream(
+    client: YamuxConnection, server: YamuxConnection
+) -> tuple[YamuxStream, YamuxStream]:
+    """A stream and its peer after one exchange each way: the stream has just read,
+    so it holds the lease and its next wait reads the transport itself."""
+    stream = await client.open_stream()
+    await stream.send_all(b"q")
+    peer = await server.accept_stream()
+    assert await peer.receive_some() == b"q"
+    await peer.send_all(b"a")
+    assert await stream.receive_some() == b"a"
+    return stream, peer
+
+
 async def test_half_closeable_stream_contract_over_tcp(nursery: trio.Nursery) -> None:
     async def maker() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
         return await tcp_stream_pair(nursery)
@@ -55,12 +71,7 @@ async def test_half_closeable_stream_contract_over_tcp(nursery: trio.Nursery) ->
 
 async def test_closing_a_stream_from_another_task_stops_its_read(nursery: trio.Nursery) -> None:
     client, server = await tcp_connections(nursery)
-    stream = await client.open_stream()
-    await stream.send_all(b"x")
-    peer = await server.accept_stream()
-    assert await peer.receive_some() == b"x"
-    await peer.send_all(b"y")
-    assert await stream.receive_some() == b"y"  # and the stream holds the lease
+    stream, _ = await leased_stream(client, server)
     outcome: list[type[BaseException]] = []
 
     async def read() -> None:
@@ -113,12 +124,7 @@ async def test_a_stream_reading_for_itself_delivers_to_the_others(
 
 async def test_frames_nobody_waits_for_are_read_after_the_lease(nursery: trio.Nursery) -> None:
     client, server = await tcp_connections(nursery)
-    stream = await client.open_stream()
-    await stream.send_all(b"q")
-    peer = await server.accept_stream()
-    assert await peer.receive_some() == b"q"
-    await peer.send_all(b"a")
-    assert await stream.receive_some() == b"a"
+    await leased_stream(client, server)
     # Nobody on the client waits to read now; the peer opens a stream and pings.
     fresh = await server.open_stream()
     await fresh.send_all(b"new")
@@ -132,12 +138,7 @@ async def test_frames_nobody_waits_for_are_read_after_the_lease(nursery: trio.Nu
 async def test_the_background_task_takes_over_when_the_lease_ends() -> None:
     async with trio.open_nursery() as nursery:
         client, server = await tcp_connections(nursery)
-        stream = await client.open_stream()
-        await stream.send_all(b"q")
-        peer = await server.accept_stream()
-        await peer.receive_some()
-        await peer.send_all(b"a")
-        assert await stream.receive_some() == b"a"
+        await leased_stream(client, server)
         assert client._reader is None  # leased to the stream that just read
         await trio.sleep(READ_LEASE * 5)
         await trio.testing.wait_all_tasks_blocked()
@@ -230,7 +231,6 @@ async def test_an_interrupt_between_a_partial_read_and_the_next_wait_is_kept() -
 
 
 async def test_closing_the_connection_wakes_a_stream_reading_for_itself_at_once() -> None:
-    header = struct.Struct(">BBHII")
     with socket.create_server(("127.0.0.1", 0)) as listener:
         a = socket.create_connection(listener.getsockname())
         raw, _ = listener.accept()
@@ -242,7 +242,7 @@ async def test_closing_the_connection_wakes_a_stream_reading_for_itself_at_once(
         stream = await conn.open_stream()
         await stream.send_all(b"x")
         sid = stream.stream_id
-        raw.sendall(header.pack(0, 1, 0x2, sid, 0) + header.pack(0, 0, 0, sid, 1) + b"y")
+        raw.sendall(HEADER.pack(0, 1, 0x2, sid, 0) + HEADER.pack(0, 0, 0, sid, 1) + b"y")
         assert await stream.receive_some() == b"y"  # the stream holds the lease
         woken: list[float] = []
 
@@ -276,12 +276,7 @@ async def test_a_stream_reading_for_itself_is_still_a_checkpoint() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
         await nursery.start(server.run)
-        stream = await client.open_stream()
-        await stream.send_all(b"x")
-        peer = await server.accept_stream()
-        await peer.receive_some()
-        await peer.send_all(b"1")
-        assert await stream.receive_some() == b"1"  # the stream holds the lease
+        stream, peer = await leased_stream(client, server)
         await peer.send_all(b"2")  # already in the pipe: reading it needs no wait
         with trio.CancelScope() as scope:
             scope.cancel()
@@ -292,7 +287,6 @@ async def test_a_stream_reading_for_itself_is_still_a_checkpoint() -> None:
 
 
 async def test_a_stream_opened_after_the_session_ended_is_ignored() -> None:
-    header = struct.Struct(">BBHII")
     ours, raw = trio.testing.memory_stream_pair()
     conn = YamuxConnection(ours, Role.CLIENT)
     ended: list[BaseException | None] = []
@@ -309,7 +303,7 @@ async def test_a_stream_opened_after_the_session_ended_is_ignored() -> None:
         # Ended without a GoAway, as a failed write ends it, while its transport
         # still delivers: the peer's SYN is read after the accept channel closed.
         conn._terminate("write failed", None)
-        await raw.send_all(header.pack(0, 1, 0x1, 2, 0))
+        await raw.send_all(HEADER.pack(0, 1, 0x1, 2, 0))
         await trio.testing.wait_all_tasks_blocked()
         await raw.aclose()
     assert ended == [None]

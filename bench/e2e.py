@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,11 +224,13 @@ class Children:
 class Placement:
     """Which CPUs serve and which run clients in sections 1-3 (none: the OS decides).
 
-    With one core for the serving engine (peer, mlx_lm.server, or the local engine when
-    it is measured, which then has the client core to itself) and the other for the
+    With one core for the serving engine (peer, mlx_lm.server) and the other for the
     clients and the shim, each engine gets a core of its own, as it would on a machine
     of its own; unpinned on two cores, the shim's and the SDK's per-token work lands on
-    the peer's core and slows its decode (see the report's notes).
+    the peer's core and slows its decode (see the report's notes). The local engine is
+    measured on the serving core too (`on_serving_core`), while the peer there is idle:
+    a VM's two cores can differ by a few ms per 400 ms prefill, not always the same way,
+    so a baseline on the other core would charge that difference to the network path.
     """
 
     serve: frozenset[int] = frozenset()
@@ -243,6 +245,18 @@ class Placement:
             return Placement()
         return Placement(frozenset(cpus[:1]), frozenset(cpus[1:]))
 
+    @contextlib.contextmanager
+    def on_serving_core(self) -> Iterator[None]:
+        """This process (the local engine and its reader) on the serving core meanwhile."""
+        if not self.serve:
+            yield
+            return
+        set_cpus(os.getpid(), set(self.serve))
+        try:
+            yield
+        finally:
+            set_cpus(os.getpid(), set(self.clients))
+
     @property
     def everything(self) -> set[int]:
         return set(self.serve | self.clients)
@@ -251,9 +265,9 @@ class Placement:
         if not self.serve:
             return "no pinning (the OS places every process)"
         return (
-            f"sections 1-3: peer0 and mlx_lm.server on CPU {sorted(self.serve)}, the bench "
-            f"(local engine, SDK client), shim, cold-shim helper and bootstrap on CPU "
-            f"{sorted(self.clients)}; section 4 unpinned"
+            f"sections 1-3: peer0, mlx_lm.server and the local engine (while measured) on "
+            f"CPU {sorted(self.serve)}, the bench (SDK client), shim, cold-shim helper and "
+            f"bootstrap on CPU {sorted(self.clients)}; section 4 unpinned"
         )
 
 
@@ -649,7 +663,8 @@ async def section_ttft(
         return sample.ttft
 
     async def local() -> float:
-        return (await local_stream(engine, model, PROMPT, TTFT_TOKENS)).ttft
+        with net.placement.on_serving_core():
+            return (await local_stream(engine, model, PROMPT, TTFT_TOKENS)).ttft
 
     async def warm_one() -> float:
         return (await sdk_stream(warm, model, PROMPT, TTFT_TOKENS)).ttft
@@ -693,9 +708,10 @@ async def section_decode(
     shim: list[Sample] = []
 
     async def run_local() -> None:
-        local_cpu.start()
-        local.append(await local_stream(engine, model, PROMPT, opts.tokens))
-        local_cpu.stop()
+        with net.placement.on_serving_core():
+            local_cpu.start()
+            local.append(await local_stream(engine, model, PROMPT, opts.tokens))
+            local_cpu.stop()
 
     async def run_shim() -> None:
         shim_cpu.start()
@@ -782,9 +798,14 @@ async def section_batch(
                 await concurrent(side(name, SHORT_TOKENS, -1), opts.streams)
             for r in range(opts.batch_pairs):
                 for name in names[r % 3 :] + names[: r % 3]:
-                    meters[name].start()
-                    wall, count = await concurrent(side(name, opts.tokens, r), opts.streams)
-                    meters[name].stop()
+                    with (
+                        net.placement.on_serving_core()
+                        if name == "local"
+                        else contextlib.nullcontext()
+                    ):
+                        meters[name].start()
+                        wall, count = await concurrent(side(name, opts.tokens, r), opts.streams)
+                        meters[name].stop()
                     rates[name].append(count / wall)
                     tokens[name] += count
                     await trio.sleep(SETTLE)

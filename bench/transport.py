@@ -3,12 +3,17 @@
 Each server runs in its own process (as a remote peer would), the client here.
 Prints a table; the ratios compare figures measured in this same run.
 
+One more row shows what the round trip costs with no trio shell at all: the same Noise
+and yamux cores fused into one function per direction over a raw non-blocking socket
+(keys fixed, no handshake). It is the floor any shell over these cores can reach here.
+
     python bench/transport.py [--seconds 3] [--samples 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import subprocess
 import sys
@@ -17,6 +22,8 @@ import time
 import trio
 
 from dbloom.p2p import HostConfig, KeyPair, Multiaddr, NetStream, open_host
+from dbloom.p2p.noise import NoiseSession
+from dbloom.p2p.yamux import DataReceived, Role, YamuxSession
 
 ECHO = "/bench/echo/1.0.0"
 SINK = "/bench/sink/1.0.0"
@@ -67,6 +74,53 @@ async def serve_tcp() -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     print(listeners[0].socket.getsockname()[1], flush=True)
     await trio.serve_listeners(handle, listeners)
+
+
+class FusedCores:
+    """Noise and yamux cores over a raw socket, one call per direction, no tasks or locks."""
+
+    def __init__(self, sock: socket.socket, role: Role) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keys = (b"\1" * 32, b"\2" * 32)
+        self.sock = sock
+        self.noise = NoiseSession(*(keys if role is Role.CLIENT else keys[::-1]))
+        self.yamux = YamuxSession(role)
+
+    def send(self, stream_id: int, data: bytes) -> None:
+        self.yamux.send_data(stream_id, data)
+        self.sock.sendall(self.noise.encrypt(self.yamux.data_to_send()))
+
+    async def receive(self) -> list[tuple[int, bytes]]:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+        if not data:
+            return []
+        self.noise.receive_data(data)
+        out = []
+        for event in self.yamux.receive_data(self.noise.decrypt_available()):
+            if isinstance(event, DataReceived):
+                self.yamux.acknowledge_received_data(event.stream_id, len(event.data))
+                out.append((event.stream_id, event.data))
+        if self.yamux.has_data_to_send:  # an ACK or a window update
+            self.sock.sendall(self.noise.encrypt(self.yamux.data_to_send()))
+        return out
+
+
+async def serve_cores() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(listener.getsockname()[1], flush=True)
+    await trio.lowlevel.wait_readable(listener)
+    sock, _ = listener.accept()
+    fused = FusedCores(sock, Role.SERVER)
+    while received := await fused.receive():
+        for stream_id, data in received:
+            fused.send(stream_id, data)
+        await trio.lowlevel.cancel_shielded_checkpoint()  # as a send in trio would
 
 
 # ---- client measurements --------------------------------------------------------------
@@ -165,6 +219,23 @@ async def bench_tcp(port: int, samples: int, seconds: float) -> dict[str, float]
     }
 
 
+async def bench_cores(port: int, samples: int) -> float:
+    """Echo round trip p50 (µs) through `FusedCores` at both ends."""
+    fused = FusedCores(socket.create_connection(("127.0.0.1", port)), Role.CLIENT)
+    stream_id = fused.yamux.open_stream()
+    rtts = []
+    for _ in range(samples + 200):
+        start = time.perf_counter()
+        fused.send(stream_id, PING)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        got = 0
+        while got < len(PING):
+            got += sum(len(data) for _, data in await fused.receive())
+        rtts.append(time.perf_counter() - start)
+    fused.sock.close()
+    return pct(rtts[200:], 0.5) * 1e6
+
+
 async def bench_in_process(samples: int) -> tuple[float, float]:
     """Echo round trip p50 (µs) with both ends in this process: dbloom, then plain TCP."""
     config = HostConfig(identify_on_connect=False)
@@ -199,7 +270,10 @@ def spawn(kind: str) -> tuple[subprocess.Popen[str], str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "mode", nargs="?", default="client", choices=["client", "serve-dbloom", "serve-tcp"]
+        "mode",
+        nargs="?",
+        default="client",
+        choices=["client", "serve-dbloom", "serve-tcp", "serve-cores"],
     )
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--samples", type=int, default=2000)
@@ -210,13 +284,19 @@ def main() -> None:
     if args.mode == "serve-tcp":
         trio.run(serve_tcp)
         return
+    if args.mode == "serve-cores":
+        trio.run(serve_cores)
+        return
     dbloom_proc, addr = spawn("serve-dbloom")
     tcp_proc, port = spawn("serve-tcp")
+    cores_proc, cores_port = spawn("serve-cores")
     try:
         tcp = trio.run(bench_tcp, int(port), args.samples, args.seconds)
         ours = trio.run(bench_dbloom, Multiaddr.parse(addr), args.samples, args.seconds)
+        ours["rtt50_cores"] = trio.run(bench_cores, int(cores_port), args.samples)
+        tcp["rtt50_cores"] = tcp["rtt50"]
     finally:
-        for proc in (dbloom_proc, tcp_proc):
+        for proc in (dbloom_proc, tcp_proc, cores_proc):
             proc.kill()
             proc.wait()
     local_ours, local_tcp = trio.run(bench_in_process, args.samples)
@@ -226,6 +306,7 @@ def main() -> None:
         ("stream open on a live connection (ms)", "open", "{:.3f}", ""),
         ("32-byte echo round trip p50 (µs)", "rtt50", "{:.0f}", "<= 150 µs"),
         ("32-byte echo round trip p99 (µs)", "rtt99", "{:.0f}", ""),
+        ("  same cores, no trio shell (fused), p50 (µs)", "rtt50_cores", "{:.0f}", ""),
         ("  same, both ends in one process, p50 (µs)", "rtt50_local", "{:.0f}", ""),
         (
             "one-stream throughput, 64 KiB writes (MB/s)",

@@ -28,6 +28,7 @@ import os
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
@@ -55,6 +56,7 @@ from dbloom.attest import (
 from dbloom.attest._tlog import LogError, check_log_proof, read_bundle_file
 from dbloom.inference import (
     DIRECTORY_KEY,
+    EngineError,
     EnginePool,
     Final,
     GenerateRequest,
@@ -106,6 +108,12 @@ IDLE_POLL = 0.5
 and the probe's run time (a few milliseconds)."""
 MACHINE_POLL = 5.0
 """Seconds between samples of power, heat and memory, which change slowly."""
+SPEED_REFRESH = 900.0
+"""Seconds between self-benchmarks after the first, each run only while nothing is served."""
+SPEED_SAMPLES = 3
+"""The advertised speed is the best of this many recent self-benchmarks: one taken while
+the owner's other work ran (or a start shared with other processes) does not understate
+the node for long, and a lasting slowdown shows after this many."""
 
 ReachabilityMode = Literal["auto", "public", "private"]
 REACHABILITY_MODES: tuple[ReachabilityMode, ...] = ("auto", "public", "private")
@@ -131,6 +139,7 @@ class PeerSettings:
     max_queue: int = 16
     drain_timeout: float = 30.0
     benchmark: bool = True
+    speed_refresh: float = SPEED_REFRESH
     harden: bool = True
     record_interval: float = 600.0
     log_proof: bytes | None = None
@@ -272,6 +281,8 @@ class PeerNode:
         self.pool: EnginePool | None = None
         self.record: NodeRecord | None = None
         self.speeds: dict[str, Speed] = {}
+        """What the offers advertise: the best of each model's recent self-benchmarks."""
+        self._speed_samples: dict[str, deque[Speed]] = {}
         self.posture = Posture()
         self.measurement = b""
         self.status = "starting"
@@ -363,7 +374,10 @@ class PeerNode:
             if s.benchmark:
                 self.status = "measuring speed"
                 for model_id, engine in engines.items():
-                    self.speeds[model_id] = await measure_speed(engine, model_id)
+                    self._speed_samples[model_id] = deque(
+                        [await measure_speed(engine, model_id)], maxlen=SPEED_SAMPLES
+                    )
+                    self.speeds[model_id] = _best(self._speed_samples[model_id])
             infos = await pool.models()
             attester = NodeAttester(
                 key=self.identity,
@@ -432,6 +446,8 @@ class PeerNode:
                 await self._publish_current()
                 self.status = "paused"
             nursery.start_soon(self._keep_record_fresh)
+            if s.benchmark:
+                nursery.start_soon(self._keep_speeds_current)
             if s.status_file is not None:
                 nursery.start_soon(self._keep_status_file, s.status_file)
             watching = trio.CancelScope()
@@ -625,6 +641,45 @@ class PeerNode:
             if since >= self.settings.record_interval or (changed and since >= RECORD_MIN_GAP):
                 await self._publish_current()
 
+    async def _keep_speeds_current(self) -> None:
+        """Benchmark again every `speed_refresh` seconds while nothing is served; when the
+        best recent figure changes, the offers and the record follow it."""
+        assert self.pool is not None
+        pool = self.pool
+        while True:
+            await trio.sleep(self.settings.speed_refresh)
+            for model_id, engine in pool.engines.items():
+                if not self._serving or pool.draining or pool.in_flight:
+                    break
+                served = pool.requests_total
+                try:
+                    speed = await measure_speed(engine, model_id, warm_up=False)
+                except EngineError as e:  # the advertised figure stays; try again next time
+                    log.warning("%s: self-benchmark failed: %s", model_id, e)
+                    continue
+                if pool.in_flight or pool.requests_total != served:
+                    continue  # it shared the engine with a request: not a clean sample
+                samples = self._speed_samples.setdefault(model_id, deque(maxlen=SPEED_SAMPLES))
+                samples.append(speed)
+                best = _best(samples)
+                if best != self.speeds.get(model_id):
+                    log.info(
+                        "%s: advertising %.1f tok/s decode, %.1f prefill (best of the last %d "
+                        "self-benchmarks)",
+                        model_id,
+                        best.decode_tps,
+                        best.prefill_tps,
+                        len(samples),
+                    )
+                    self.speeds[model_id] = best
+                    self.offers = tuple(
+                        replace(o, decode_tps=best.decode_tps, prefill_tps=best.prefill_tps)
+                        if o.id == model_id
+                        else o
+                        for o in self.offers
+                    )
+                    await self._publish_current()
+
     async def _keep_status_file(self, path: Path) -> None:
         while True:
             await trio.to_thread.run_sync(write_status, path, self.snapshot())
@@ -709,6 +764,15 @@ class PeerNode:
         if scope.cancelled_caught:
             log.warning("%d requests still running at the drain deadline", self.pool.in_flight)
         self.status = "stopped"
+
+
+def _best(samples: Iterable[Speed]) -> Speed:
+    """The best prefill and the best decode rate among `samples` (interference only slows)."""
+    samples = list(samples)
+    return Speed(
+        prefill_tps=max(x.prefill_tps for x in samples),
+        decode_tps=max(x.decode_tps for x in samples),
+    )
 
 
 async def _check_attestation(attester: NodeAttester) -> str:

@@ -1,4 +1,4 @@
-"""A short self-benchmark at start, so a node advertises speeds it has measured, not guessed."""
+"""A short self-benchmark, so a node advertises speeds it has measured, not guessed."""
 
 from __future__ import annotations
 
@@ -21,15 +21,19 @@ class Speed:
     decode_tps: float
 
 
-async def measure_speed(engine: Engine, model_id: str, *, decode_tokens: int = 32) -> Speed:
+async def measure_speed(
+    engine: Engine, model_id: str, *, decode_tokens: int = 32, warm_up: bool = True
+) -> Speed:
     """Time one greedy request: prompt tokens over time to first token, then decode rate.
 
-    A short warm-up request first, so one-off compilation and allocation are not counted.
+    With `warm_up` (an engine's first measurement), a short request goes first, so one-off
+    compilation and allocation are not counted.
     """
-    warm_up = GenerateRequest(model=model_id, prompt=PROMPT, max_tokens=2, temperature=0.0)
-    async with engine.generate(warm_up) as generation:
-        async for _ in generation:
-            pass
+    if warm_up:
+        first_run = GenerateRequest(model=model_id, prompt=PROMPT, max_tokens=2, temperature=0.0)
+        async with engine.generate(first_run) as generation:
+            async for _ in generation:
+                pass
     request = GenerateRequest(
         model=model_id, prompt=PROMPT, max_tokens=decode_tokens, temperature=0.0
     )

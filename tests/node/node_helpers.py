@@ -74,12 +74,16 @@ class Net:
         price_out: int = 100_000,
         drain_timeout: float = 2.0,
         home: Path | None = None,
+        speed_refresh: float | None = None,
     ) -> PeerNode:
+        """A peer serving `model_dir`; with `speed_refresh` it benchmarks itself at start
+        and again at that interval, otherwise never."""
         settings = PeerSettings(
             listen=["/ip4/127.0.0.1/tcp/0"],
             bootstrap=[str(self.bootstrap.listen_addrs[0])],
             models=[str(model_dir)],
-            benchmark=False,
+            benchmark=speed_refresh is not None,
+            speed_refresh=speed_refresh or 0.0,
             harden=False,
             price_out=price_out,
             drain_timeout=drain_timeout,

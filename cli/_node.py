@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import socket
+import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -111,9 +112,9 @@ MACHINE_POLL = 5.0
 SPEED_REFRESH = 900.0
 """Seconds between self-benchmarks after the first, each run only while nothing is served."""
 SPEED_SAMPLES = 3
-"""The advertised speed is the best of this many recent self-benchmarks: one taken while
-the owner's other work ran (or a start shared with other processes) does not understate
-the node for long, and a lasting slowdown shows after this many."""
+"""The advertised speed is the upper median of this many recent self-benchmarks: one taken
+while the owner's other work ran (or one read late, which overstates decode) counts only
+until the next two, and a lasting change shows after two."""
 
 ReachabilityMode = Literal["auto", "public", "private"]
 REACHABILITY_MODES: tuple[ReachabilityMode, ...] = ("auto", "public", "private")
@@ -281,8 +282,10 @@ class PeerNode:
         self.pool: EnginePool | None = None
         self.record: NodeRecord | None = None
         self.speeds: dict[str, Speed] = {}
-        """What the offers advertise: the best of each model's recent self-benchmarks."""
-        self._speed_samples: dict[str, deque[Speed]] = {}
+        """What the offers advertise: see `SPEED_SAMPLES`."""
+        self.speed_samples: dict[str, deque[Speed]] = {}
+        """Each model's recent self-benchmarks, oldest first."""
+        self._benchmark: trio.CancelScope | None = None
         self.posture = Posture()
         self.measurement = b""
         self.status = "starting"
@@ -309,6 +312,7 @@ class PeerNode:
     def request_stop(self) -> None:
         """Begin the graceful shutdown (Ctrl-C)."""
         self._stop.set()
+        self._stop_benchmark()
 
     async def plan(self) -> Plan:
         """Resolve models (cached ones only), digests, measurement and the record `run()`
@@ -374,10 +378,10 @@ class PeerNode:
             if s.benchmark:
                 self.status = "measuring speed"
                 for model_id, engine in engines.items():
-                    self._speed_samples[model_id] = deque(
+                    self.speed_samples[model_id] = deque(
                         [await measure_speed(engine, model_id)], maxlen=SPEED_SAMPLES
                     )
-                    self.speeds[model_id] = _best(self._speed_samples[model_id])
+                    self.speeds[model_id] = _typical(self.speed_samples[model_id])
             infos = await pool.models()
             attester = NodeAttester(
                 key=self.identity,
@@ -558,11 +562,14 @@ class PeerNode:
         """The record as of now; `draining` while paused or stopping."""
         assert self.host is not None and self.pool is not None
         load = self.pool.load()
+        active = load.active
+        if self._benchmark is not None:  # our own benchmark: no reason to steer work away
+            active = max(0, active - 1)
         return NodeRecord(
             addrs=tuple(advertised_addrs(self.host)[:MAX_ADDRS]),
             models=self.offers,
             max_batch=load.max_batch,
-            active=load.active,
+            active=active,
             queued=load.queued,
             attest_kind=self.provider.kind,
             measurement=self.measurement.hex(),
@@ -643,7 +650,8 @@ class PeerNode:
 
     async def _keep_speeds_current(self) -> None:
         """Benchmark again every `speed_refresh` seconds while nothing is served; when the
-        best recent figure changes, the offers and the record follow it."""
+        advertised figure changes, the offers and the record follow it. A pause or a stop
+        cancels a benchmark at once (the owner wants the machine back)."""
         assert self.pool is not None
         pool = self.pool
         while True:
@@ -652,33 +660,41 @@ class PeerNode:
                 if not self._serving or pool.draining or pool.in_flight:
                     break
                 served = pool.requests_total
-                try:
-                    speed = await measure_speed(engine, model_id, warm_up=False)
-                except EngineError as e:  # the advertised figure stays; try again next time
-                    log.warning("%s: self-benchmark failed: %s", model_id, e)
-                    continue
+                speed: Speed | None = None
+                with trio.CancelScope() as self._benchmark:
+                    try:
+                        speed = await measure_speed(engine, model_id, warm_up=False)
+                    except EngineError as e:  # the advertised figure stays; next time again
+                        log.warning("%s: self-benchmark failed: %s", model_id, e)
+                self._benchmark = None
+                if speed is None or not self._serving or pool.draining:
+                    break  # failed, cancelled, or it ran into a pause
                 if pool.in_flight or pool.requests_total != served:
                     continue  # it shared the engine with a request: not a clean sample
-                samples = self._speed_samples.setdefault(model_id, deque(maxlen=SPEED_SAMPLES))
+                samples = self.speed_samples[model_id]
                 samples.append(speed)
-                best = _best(samples)
-                if best != self.speeds.get(model_id):
+                typical = _typical(samples)
+                if typical != self.speeds[model_id]:
                     log.info(
-                        "%s: advertising %.1f tok/s decode, %.1f prefill (best of the last %d "
+                        "%s: advertising %.1f tok/s decode, %.1f prefill (from the last %d "
                         "self-benchmarks)",
                         model_id,
-                        best.decode_tps,
-                        best.prefill_tps,
+                        typical.decode_tps,
+                        typical.prefill_tps,
                         len(samples),
                     )
-                    self.speeds[model_id] = best
+                    self.speeds[model_id] = typical
                     self.offers = tuple(
-                        replace(o, decode_tps=best.decode_tps, prefill_tps=best.prefill_tps)
+                        replace(o, decode_tps=typical.decode_tps, prefill_tps=typical.prefill_tps)
                         if o.id == model_id
                         else o
                         for o in self.offers
                     )
                     await self._publish_current()
+
+    def _stop_benchmark(self) -> None:
+        if self._benchmark is not None:
+            self._benchmark.cancel()
 
     async def _keep_status_file(self, path: Path) -> None:
         while True:
@@ -721,6 +737,7 @@ class PeerNode:
             nursery.start_soon(self._transit, scope, self._resume)
         else:
             self.pool.drain()
+            self._stop_benchmark()
             log.info("pausing: %s", "; ".join(decision.reasons))
             nursery.start_soon(self._transit, scope, self._pause)
 
@@ -766,12 +783,12 @@ class PeerNode:
         self.status = "stopped"
 
 
-def _best(samples: Iterable[Speed]) -> Speed:
-    """The best prefill and the best decode rate among `samples` (interference only slows)."""
+def _typical(samples: Iterable[Speed]) -> Speed:
+    """The upper median prefill and decode rates of `samples`: see `SPEED_SAMPLES`."""
     samples = list(samples)
     return Speed(
-        prefill_tps=max(x.prefill_tps for x in samples),
-        decode_tps=max(x.decode_tps for x in samples),
+        prefill_tps=statistics.median_high(x.prefill_tps for x in samples),
+        decode_tps=statistics.median_high(x.decode_tps for x in samples),
     )
 
 

@@ -16,7 +16,7 @@ import openai
 import trio
 
 from dbloom.cli._availability import Rules, Thermal
-from dbloom.cli._node import PeerNode, PeerSettings
+from dbloom.cli._node import SPEED_REFRESH, PeerNode, PeerSettings
 from dbloom.cli._shim import ShimNode, ShimSettings
 from dbloom.inference import NodeRecord, decode_node_record
 from dbloom.p2p import Host, KeyPair, open_host
@@ -83,7 +83,7 @@ class Net:
             bootstrap=[str(self.bootstrap.listen_addrs[0])],
             models=[str(model_dir)],
             benchmark=speed_refresh is not None,
-            speed_refresh=speed_refresh or 0.0,
+            speed_refresh=SPEED_REFRESH if speed_refresh is None else speed_refresh,
             harden=False,
             price_out=price_out,
             drain_timeout=drain_timeout,

@@ -87,6 +87,9 @@ QUEUE_TIMEOUT = 60.0
 """How long a request may wait for a stream slot (on top of FIRST_ITEM_TIMEOUT)."""
 MAX_ATTEMPTS = 3
 PROVIDERS_WANTED = 20
+MAX_PROVIDER_KEYS = 1024
+"""Provider answers kept, one per model asked for: a client naming ever new models cannot
+grow the shim without bound. The oldest answer no lookup is refreshing goes first."""
 STREAM_RESERVE = 32
 """Streams of a connection left to everything but inference (attestation, Kademlia,
 gossip, identify), so inference can never starve them."""
@@ -133,6 +136,8 @@ class _Providers:
     found: list[_Found] = field(default_factory=list)
     at: float = -math.inf
     pending: _Lookup | None = None
+    candidates: list[Candidate] | None = None
+    """`found` as candidates, built once per answer: parsing addresses costs 5-20 µs each."""
 
 
 class NetworkEngine(Engine):
@@ -232,7 +237,10 @@ class NetworkEngine(Engine):
         request waits for the lookup, which concurrent requests share. A failed lookup
         with nothing to fall back on raises NoNodeAvailable: the model may well exist.
         """
-        entry = self._providers.setdefault(key, _Providers())
+        entry = self._providers.get(key)
+        if entry is None:
+            self._make_room()
+            entry = self._providers[key] = _Providers()
         while True:
             if entry.found and (
                 trio.current_time() - entry.at < self.providers_ttl or entry.pending is not None
@@ -265,16 +273,30 @@ class NetworkEngine(Engine):
                 lookup.error = f"the DHT lookup of {key!r} failed: {e or type(e).__name__}"
                 log.info("%s", lookup.error)
             else:
-                entry.found, entry.at = found, trio.current_time()
+                # a new answer: its candidates are built at the next request
+                entry.found, entry.at, entry.candidates = found, trio.current_time(), None
             lookup.finished = True
         finally:
             entry.pending = None
             lookup.done.set()
 
+    def _make_room(self) -> None:
+        if len(self._providers) < MAX_PROVIDER_KEYS:
+            return
+        for key, entry in self._providers.items():
+            if entry.pending is None:
+                del self._providers[key]
+                return
+
     async def candidates(self, model: str) -> list[Candidate]:
         """Every node that announced `model` and published a record offering it."""
+        key = model_provider_key(model)
+        found = await self._found(key)
+        entry = self._providers.get(key)
+        if entry is not None and entry.found is found and entry.candidates is not None:
+            return list(entry.candidates)
         out = []
-        for peer, record, addrs in await self._found(model_provider_key(model)):
+        for peer, record, addrs in found:
             offer = record.offer(model)
             if offer is None:
                 continue
@@ -285,7 +307,9 @@ class NetworkEngine(Engine):
                 except MultiaddrError:
                     continue
             out.append(Candidate(peer=peer, record=record, offer=offer, addrs=tuple(dialable)))
-        return out
+        if entry is not None and entry.found is found:
+            entry.candidates = out
+        return list(out)
 
     async def models(self) -> tuple[ModelInfo, ...]:
         """Models offered by at least one node the policy accepts (cached a few seconds)."""

@@ -1,6 +1,7 @@
 """`NetworkEngine` on a real loopback DHT: shared provider lookups, stale answers served
-while one lookup refreshes them, a failed lookup as a 503, and a connection's stream
-limit as a bounded wait (or a local refusal), never as the node's failure."""
+while one lookup refreshes them, candidates built once per answer, a bounded number of
+answers kept, a failed lookup as a 503, and a connection's stream limit as a bounded wait
+(or a local refusal), never as the node's failure."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 import trio
 from node_records import make_offer, make_record
 
-from dbloom.api import create_app, serve_api
+from dbloom.api import _network, create_app, serve_api
 from dbloom.api._errors import known_error
 from dbloom.api._network import SATURATED_REFRESH, NetworkEngine
 from dbloom.api._routing import Router, RoutingPolicy
@@ -338,3 +339,36 @@ async def test_a_request_no_node_would_accept_is_a_413_not_busy() -> None:
         error = known_error(info.value)
         assert error is not None and error.status == 413
         assert error.body()["error"]["code"] == "request_too_large"
+
+
+async def test_candidates_are_built_once_per_provider_answer() -> None:
+    async with dht() as net:
+        await net.announcer()
+        engine = await net.engine(providers_ttl=0.2)
+        first = await engine.candidates(MODEL)
+        again = await engine.candidates(MODEL)
+        assert len(first) == 1 and again[0] is first[0]  # addresses were parsed once
+        again.clear()  # each caller gets a list of its own
+        assert await engine.candidates(MODEL) == first
+        await trio.sleep(0.3)
+        with trio.fail_after(5):
+            while (await engine.candidates(MODEL))[0] is first[0]:
+                await trio.sleep(0.01)
+        assert engine.lookups == 2  # a new answer, built anew
+
+
+async def test_a_bounded_number_of_provider_answers_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_network, "MAX_PROVIDER_KEYS", 3)
+    models = tuple(f"model-{i}" for i in range(5))
+    async with dht() as net:
+        await net.announcer(models)
+        engine = await net.engine()
+        for model in models:
+            assert await engine.candidates(model)
+        assert engine.lookups == len(models)
+        await engine.candidates(models[-1])  # among the three newest: still known
+        assert engine.lookups == len(models)
+        await engine.candidates(models[0])  # the oldest was let go: looked up again
+        assert engine.lookups == len(models) + 1

@@ -76,6 +76,9 @@ from ._routing import Candidate, Router
 log = logging.getLogger(__name__)
 
 RECORD_TTL = 15.0
+MAX_CACHED_RECORDS = 4096
+"""Node records kept; past this, the expired ones go (they would be fetched again anyway),
+so peers that came and went over months do not pile up in a long-running shim."""
 MODELS_TTL = 10.0
 PROVIDERS_TTL = 5.0
 """How long a provider lookup's answer is used before a new lookup replaces it."""
@@ -212,7 +215,14 @@ class NetworkEngine(Engine):
             except (DecodeError, ValueError) as e:
                 log.info("ignoring the node record of %s: %s", peer.short(), e)
         self._records[peer] = (now, record)
+        if len(self._records) > MAX_CACHED_RECORDS:
+            self._records = {p: c for p, c in self._records.items() if now - c[0] < RECORD_TTL}
         return record
+
+    @property
+    def cached_records(self) -> int:
+        """How many node records the cache holds, so its bound can be checked from outside."""
+        return len(self._records)
 
     async def _records_for(self, key: str) -> list[_Found]:
         self.lookups += 1

@@ -372,3 +372,17 @@ async def test_a_bounded_number_of_provider_answers_is_kept(
         assert engine.lookups == len(models)
         await engine.candidates(models[0])  # the oldest was let go: looked up again
         assert engine.lookups == len(models) + 1
+
+
+async def test_expired_records_do_not_pile_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_network, "MAX_CACHED_RECORDS", 4)
+    monkeypatch.setattr(_network, "RECORD_TTL", 0.05)
+    async with dht() as net:
+        engine = await net.engine()
+        gone = [KeyPair.generate().peer_id for _ in range(4)]  # peers that left: no record
+        for peer in gone:
+            assert await engine.record(peer) is None
+        assert engine.cached_records == 4
+        await trio.sleep(0.1)
+        assert await engine.record(KeyPair.generate().peer_id) is None
+        assert engine.cached_records == 1  # the four expired answers went

@@ -240,8 +240,8 @@ class NetworkEngine(Engine):
                     nursery.start_soon(fetch, info.peer_id, info.addrs)
         return found
 
-    async def _found(self, key: str) -> list[_Found]:
-        """The providers of `key` with their records, from the cache when it is fresh.
+    async def _found(self, key: str) -> _Providers:
+        """The answer for `key` (providers with their records), cached while it is fresh.
 
         A stale non-empty answer is served while one lookup refreshes it; otherwise the
         request waits for the lookup, which concurrent requests share. A failed lookup
@@ -255,13 +255,13 @@ class NetworkEngine(Engine):
             if entry.found and (
                 trio.current_time() - entry.at < self.providers_ttl or entry.pending is not None
             ):
-                return entry.found
+                return entry
             lookup = entry.pending
             if lookup is None:
                 lookup = entry.pending = _Lookup()
                 if entry.found and self._nursery is not None:
                     self._nursery.start_soon(self._refresh, key, entry)
-                    return entry.found
+                    return entry
                 await self._refresh(key, entry)
             else:
                 await lookup.done.wait()
@@ -269,7 +269,7 @@ class NetworkEngine(Engine):
                 break
         if lookup.error is not None and not entry.found:
             raise NoNodeAvailable(lookup.error)
-        return entry.found
+        return entry
 
     async def _refresh(self, key: str, entry: _Providers) -> None:
         """Run the lookup `entry.pending` stands for and record its outcome there."""
@@ -300,13 +300,11 @@ class NetworkEngine(Engine):
 
     async def candidates(self, model: str) -> list[Candidate]:
         """Every node that announced `model` and published a record offering it."""
-        key = model_provider_key(model)
-        found = await self._found(key)
-        entry = self._providers.get(key)
-        if entry is not None and entry.found is found and entry.candidates is not None:
+        entry = await self._found(model_provider_key(model))
+        if entry.candidates is not None:
             return list(entry.candidates)
         out = []
-        for peer, record, addrs in found:
+        for peer, record, addrs in entry.found:
             offer = record.offer(model)
             if offer is None:
                 continue
@@ -317,8 +315,7 @@ class NetworkEngine(Engine):
                 except MultiaddrError:
                     continue
             out.append(Candidate(peer=peer, record=record, offer=offer, addrs=tuple(dialable)))
-        if entry is not None and entry.found is found:
-            entry.candidates = out
+        entry.candidates = out
         return list(out)
 
     async def models(self) -> tuple[ModelInfo, ...]:
@@ -327,7 +324,7 @@ class NetworkEngine(Engine):
         if self._models is not None and now - self._models[0] < MODELS_TTL:
             return self._models[1]
         seen: dict[str, ModelInfo] = {}
-        for peer, record, addrs in await self._found(DIRECTORY_KEY):
+        for peer, record, addrs in (await self._found(DIRECTORY_KEY)).found:
             for offer in record.models:
                 candidate = Candidate(peer=peer, record=record, offer=offer, addrs=addrs)
                 if offer.id in seen or self.router.why_not(candidate, now) is not None:

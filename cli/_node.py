@@ -281,8 +281,6 @@ class PeerNode:
         self.holepunch: HolePunchService | None = None
         self.pool: EnginePool | None = None
         self.record: NodeRecord | None = None
-        self.speeds: dict[str, Speed] = {}
-        """What the offers advertise: see `SPEED_SAMPLES`."""
         self.speed_samples: dict[str, deque[Speed]] = {}
         """Each model's recent self-benchmarks, oldest first."""
         self._benchmark: trio.CancelScope | None = None
@@ -308,6 +306,11 @@ class PeerNode:
     @property
     def peer_id(self) -> str:
         return str(self.identity.peer_id)
+
+    @property
+    def speeds(self) -> dict[str, Speed]:
+        """What the offers advertise: see `SPEED_SAMPLES`."""
+        return {model: _typical(samples) for model, samples in self.speed_samples.items()}
 
     def request_stop(self) -> None:
         """Begin the graceful shutdown (Ctrl-C)."""
@@ -381,7 +384,6 @@ class PeerNode:
                     self.speed_samples[model_id] = deque(
                         [await measure_speed(engine, model_id)], maxlen=SPEED_SAMPLES
                     )
-                    self.speeds[model_id] = _typical(self.speed_samples[model_id])
             infos = await pool.models()
             attester = NodeAttester(
                 key=self.identity,
@@ -421,13 +423,14 @@ class PeerNode:
                 self.receipts = ReceiptService(gossip, self.ledger)
                 await nursery.start(self.receipts.run)
             self.status = "announcing"
+            speeds = self.speeds
             self.offers = tuple(
                 ModelOffer(
                     id=m.id,
                     digest=m.digest,
                     context_length=m.context_length,
-                    decode_tps=self.speeds.get(m.id, Speed(0.0, 0.0)).decode_tps,
-                    prefill_tps=self.speeds.get(m.id, Speed(0.0, 0.0)).prefill_tps,
+                    decode_tps=speeds.get(m.id, Speed(0.0, 0.0)).decode_tps,
+                    prefill_tps=speeds.get(m.id, Speed(0.0, 0.0)).prefill_tps,
                     price_in=s.price_in,
                     price_out=s.price_out,
                 )
@@ -672,9 +675,10 @@ class PeerNode:
                 if pool.in_flight or pool.requests_total != served:
                     continue  # it shared the engine with a request: not a clean sample
                 samples = self.speed_samples[model_id]
+                before = _typical(samples)
                 samples.append(speed)
                 typical = _typical(samples)
-                if typical != self.speeds[model_id]:
+                if typical != before:
                     log.info(
                         "%s: advertising %.1f tok/s decode, %.1f prefill (from the last %d "
                         "self-benchmarks)",
@@ -683,7 +687,6 @@ class PeerNode:
                         typical.prefill_tps,
                         len(samples),
                     )
-                    self.speeds[model_id] = typical
                     self.offers = tuple(
                         replace(o, decode_tps=typical.decode_tps, prefill_tps=typical.prefill_tps)
                         if o.id == model_id

@@ -28,7 +28,6 @@ HIGH = Speed(prefill_tps=1e6, decode_tps=1e6)
 def pretend(node: PeerNode, speed: Speed) -> None:
     """As if the node's benchmarks so far had all measured `speed`."""
     node.speed_samples[MODEL] = deque([speed], maxlen=SPEED_SAMPLES)
-    node.speeds[MODEL] = speed
     node.offers = tuple(
         replace(o, decode_tps=speed.decode_tps, prefill_tps=speed.prefill_tps) for o in node.offers
     )
